@@ -1,0 +1,76 @@
+# btc-anomaly — every developer and CI entry point. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+JARS ?= .jars
+MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
+PYTEST_ARGS ?=
+# Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
+EXTRAS := producer spark
+APT_PACKAGES := openjdk-17-jre-headless maven
+
+.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements clean
+
+help:  ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: system-deps venv jars  ## everything a fresh machine needs: Debian packages, venv, JVM jars
+
+system-deps:  ## Debian packages (Java, Maven) when missing; needs root and apt
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "missing Debian packages:$$missing (install them, or run as root with apt)"; exit 1; fi; \
+	fi
+
+venv: $(VENV)/.installed  ## virtualenv with the pinned dev requirements and an editable install
+
+$(VENV)/.installed: requirements/dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+jars: $(JARS)/.resolved  ## resolve jvm/pom.xml into .jars/{kafka,spark} with Maven
+
+$(JARS)/.resolved: jvm/pom.xml jvm/settings.xml
+	rm -rf $(JARS)/kafka $(JARS)/spark
+	$(MVN) -Pkafka dependency:copy-dependencies
+	$(MVN) -Pspark dependency:copy-dependencies
+	touch $@
+
+test: setup  ## lint, unit and integration tests (installs what it needs first)
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: venv  ## unit tests only (seconds)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup  ## integration tests against a real local Kafka broker (and later Spark, MLflow)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+lint: venv  ## ruff lint and format check
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+format: venv  ## apply ruff formatting and safe fixes
+	$(BIN)/ruff check --fix src tests bench scripts
+	$(BIN)/ruff format src tests bench scripts
+
+bench: setup  ## benchmarks; results are appended to bench/RESULTS.md by hand from the printed table
+	$(BIN)/python -m bench.run_all
+
+requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyPI)
+	$(BIN)/pip install -q pip-tools
+	for extra in $(EXTRAS); do \
+	  $(BIN)/pip-compile -q --strip-extras --no-header --extra $$extra -o requirements/$$extra.txt pyproject.toml; \
+	done
+	$(BIN)/pip-compile -q --strip-extras --no-header $(foreach e,$(EXTRAS) dev,--extra $(e)) -o requirements/dev.txt pyproject.toml
+
+clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
+	rm -rf var

@@ -1,0 +1,1 @@
+"""Sources that turn real Bitcoin input into canonical transactions, and the Kafka producer."""

@@ -1,0 +1,1 @@
+"""Isolation Forest training, MLflow registry, promotion gate and the compiled scorer."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics catalogue and alert delivery."""

@@ -1,0 +1,1 @@
+"""Spark Structured Streaming into Delta Lake, and JVM-free Delta readers."""

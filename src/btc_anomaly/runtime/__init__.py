@@ -1,0 +1,1 @@
+"""Local services (Kafka broker, MLflow server) and JVM classpath helpers."""
