@@ -99,9 +99,13 @@ class Transaction(_Strict):
             raise ValueError(f"output_count {self.output_count} != {len(self.outputs)} outputs")
         if self.output_value != sum(o.value for o in self.outputs):
             raise ValueError("output_value is not the sum of output values")
-        if self.fee is not None and self.input_value is not None and not self.is_coinbase:
-            if self.fee != self.input_value - self.output_value:
-                raise ValueError("fee != input_value - output_value")
+        if (
+            self.fee is not None
+            and self.input_value is not None
+            and not self.is_coinbase
+            and self.fee != self.input_value - self.output_value
+        ):
+            raise ValueError("fee != input_value - output_value")
         if self.fee is not None and self.fee < 0:
             raise ValueError("fee is negative")
         return self
