@@ -1,0 +1,373 @@
+"""The one feature definition: canonical transactions → a float64 matrix with named columns.
+
+``compute_features`` is the only place features are defined. The trainer, the Spark scoring step
+(``mapInPandas`` → ``btc_anomaly.model.scoring.score_frame``) and the API all call it, so a model never
+sees features computed differently from the ones it was trained on.
+
+Two feature sets, because a transaction decoded from raw hex without a prevout lookup has no input
+values or input addresses (``fee``/``input_value`` null):
+
+* ``FEATURES_STRUCTURAL``: computable from the transaction alone (sizes, outputs, flags).
+* ``FEATURES_FULL``: the structural ones plus ``FEATURES_PREVOUT`` (fee rate, fee, input value, fee share,
+  address reuse), which need the prevouts.
+
+For a transaction without prevouts the ``FEATURES_PREVOUT`` columns are NaN (never an error); the model
+bundle routes such rows, and coinbases (no prevouts by definition), to a second forest trained on the
+structural features only (see ``btc_anomaly.model``). ``has_prevouts`` tells which rows can use the full
+model.
+
+Heavy-tailed quantities (sizes, values, fees, counts) enter as ``log1p``: an isolation tree draws split
+points uniformly between a node's min and max, so on a raw satoshi scale almost every split would only
+separate the single largest value and nothing else. Shares and flags are in [0, 1].
+
+Vectorised: nested inputs/outputs are flattened once with Arrow and aggregated with NumPy
+(``bincount`` / sorting by parent row); there is no per-transaction Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from btc_anomaly.schema import Transaction, arrow_schema
+
+# Bump when a feature's definition changes; the model records the version it was trained with and
+# scoring refuses a model whose features were computed differently.
+FEATURE_VERSION = 1
+
+DUST_LIMIT_SAT = 546  # Bitcoin Core's dust threshold for a P2PKH output at the default relay fee
+ROUND_UNITS_SAT = (100_000, 1_000_000, 10_000_000)  # 0.001, 0.01 and 0.1 BTC
+
+Kind = Literal["log1p", "linear", "share", "flag"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    name: str
+    label: str  # how a human reason names it
+    doc: str
+    kind: Kind  # "log1p": value = log1p(raw), raw is shown in reasons; "share": 0..1; "flag": 0/1
+    unit: str = ""
+    needs_prevouts: bool = False
+
+
+# Script types (Bitcoin Core `decodescript` names) grouped into the output mix buckets.
+SCRIPT_GROUPS: dict[str, tuple[str, ...]] = {
+    "legacy": ("pubkey", "pubkeyhash"),
+    "p2sh": ("scripthash",),
+    "segwit_v0": ("witness_v0_keyhash", "witness_v0_scripthash"),
+    "taproot": ("witness_v1_taproot",),
+    "multisig": ("multisig",),
+    "nulldata": ("nulldata",),
+    "nonstandard": ("nonstandard", "witness_unknown", "unknown", "coinbase"),  # and anything unlisted
+}
+_GROUP_NAMES = tuple(SCRIPT_GROUPS)
+_GROUP_OF = {st: i for i, names in enumerate(SCRIPT_GROUPS.values()) for st in names}
+_NONSTANDARD = _GROUP_NAMES.index("nonstandard")
+_NULLDATA = _GROUP_NAMES.index("nulldata")
+
+FEATURE_SPECS: tuple[FeatureSpec, ...] = (
+    # --- structural: computable without prevouts ---
+    FeatureSpec("log_vsize", "virtual size", "log1p(vsize in vbytes).", "log1p", "vB"),
+    FeatureSpec(
+        "witness_share",
+        "witness share of the size",
+        "Witness bytes / total size = (4*size - weight) / (3*size); 0 for legacy, the weight/size ratio "
+        "rescaled to [0, 1).",
+        "share",
+    ),
+    FeatureSpec("is_segwit", "segwit", "1 if the transaction carries witness data.", "flag"),
+    FeatureSpec("rbf", "opt-in RBF", "1 if any input signals BIP125 replaceability.", "flag"),
+    FeatureSpec(
+        "locktime_set", "locktime", "1 if nLockTime > 0 (anti fee-sniping wallets, timelocks).", "flag"
+    ),
+    FeatureSpec("has_op_return", "OP_RETURN output", "1 if an output is OP_RETURN (nulldata).", "flag"),
+    FeatureSpec("log_input_count", "input count", "log1p(number of inputs).", "log1p"),
+    FeatureSpec("log_output_count", "output count", "log1p(number of outputs).", "log1p"),
+    FeatureSpec("log_output_value", "output value", "log1p(total output value in sat).", "log1p", "sat"),
+    FeatureSpec(
+        "output_max_share",
+        "largest output's share of the value",
+        "Largest output value / total output value (0 when the outputs carry no value).",
+        "share",
+    ),
+    FeatureSpec(
+        "output_hhi",
+        "output value concentration (HHI)",
+        "Herfindahl index of output values: sum of squared value shares; 1 = one output holds everything.",
+        "share",
+    ),
+    FeatureSpec(
+        "value_change_ratio",
+        "second-largest/largest output ratio",
+        "Second-largest output value / largest (0 with fewer than two outputs). Payment+change pairs sit "
+        "well below 1; equal-output (CoinJoin-like) transactions at 1.",
+        "share",
+    ),
+    FeatureSpec(
+        "log_dust_output_count",
+        "dust outputs",
+        f"log1p(outputs below {DUST_LIMIT_SAT} sat, OP_RETURN excluded).",
+        "log1p",
+    ),
+    FeatureSpec("dust_output_share", "share of dust outputs", "Dust outputs / outputs.", "share"),
+    FeatureSpec(
+        "round_output_share",
+        "share of round-amount outputs",
+        "Outputs whose value is a positive multiple of 0.001 BTC / outputs.",
+        "share",
+    ),
+    FeatureSpec(
+        "round_output_level",
+        "roundness of output amounts",
+        "Mean over outputs of (multiple of 0.001 BTC) + (of 0.01 BTC) + (of 0.1 BTC), divided by 3.",
+        "share",
+    ),
+    *(
+        FeatureSpec(
+            f"out_share_{g}",
+            f"share of {g.replace('_', ' ')} outputs",
+            f"Outputs with script type in {SCRIPT_GROUPS[g]} / outputs"
+            + (" (any script type not listed elsewhere counts here)." if g == "nonstandard" else "."),
+            "share",
+        )
+        for g in _GROUP_NAMES
+    ),
+    # --- need prevouts ---
+    FeatureSpec(
+        "log_fee_rate", "fee rate", "log1p(fee / vsize), fee rate in sat/vB.", "log1p", "sat/vB", True
+    ),
+    FeatureSpec("log_fee", "fee", "log1p(fee in sat).", "log1p", "sat", True),
+    FeatureSpec("log_input_value", "input value", "log1p(total input value in sat).", "log1p", "sat", True),
+    FeatureSpec(
+        "fee_share",
+        "fee share of the input value",
+        "fee / input_value (0 when nothing is spent).",
+        "share",
+        needs_prevouts=True,
+    ),
+    FeatureSpec(
+        "address_reuse_share",
+        "outputs paying back to an input address",
+        "Outputs whose address is also one of the inputs' addresses / outputs (change to the same address).",
+        "share",
+        needs_prevouts=True,
+    ),
+)
+
+SPECS: dict[str, FeatureSpec] = {s.name: s for s in FEATURE_SPECS}
+FEATURES_STRUCTURAL: list[str] = [s.name for s in FEATURE_SPECS if not s.needs_prevouts]
+FEATURES_PREVOUT: list[str] = [s.name for s in FEATURE_SPECS if s.needs_prevouts]
+FEATURES_FULL: list[str] = FEATURES_STRUCTURAL + FEATURES_PREVOUT
+
+# Canonical columns compute_features reads; nothing else is needed (hash and timestamps are not features).
+INPUT_COLUMNS: tuple[str, ...] = (
+    "size",
+    "vsize",
+    "weight",
+    "locktime",
+    "fee",
+    "input_value",
+    "output_value",
+    "is_segwit",
+    "rbf",
+    "has_op_return",
+    "inputs",
+    "outputs",
+)
+_SCHEMA = arrow_schema()
+_INPUT_SCHEMA = pa.schema([_SCHEMA.field(c) for c in INPUT_COLUMNS])
+
+
+def compute_features(df: pd.DataFrame | pa.Table) -> pd.DataFrame:
+    """Feature matrix (float64, columns ``FEATURES_FULL``) of canonical transactions, one row per input row.
+
+    ``df`` holds at least ``INPUT_COLUMNS`` with canonical types; ``inputs``/``outputs`` may be lists of
+    dicts (JSON), arrays of dicts (Delta/Spark via Arrow) or Arrow list<struct> columns. The result
+    keeps a pandas input's index. ``FEATURES_PREVOUT`` columns are NaN where ``has_prevouts`` is false.
+    """
+    table = _as_table(df)
+    n = table.num_rows
+    f: dict[str, np.ndarray] = {}
+
+    size = _num(table, "size")
+    vsize = _num(table, "vsize")
+    weight = _num(table, "weight")
+    fee = _num(table, "fee")  # NaN where unknown
+    input_value = _num(table, "input_value")
+    output_value = _num(table, "output_value")
+
+    f["log_vsize"] = np.log1p(vsize)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        witness = np.where(size > 0, (4.0 * size - weight) / (3.0 * size), 0.0)
+    f["witness_share"] = np.clip(witness, 0.0, 1.0)
+    f["is_segwit"] = _num(table, "is_segwit")
+    f["rbf"] = _num(table, "rbf")
+    f["locktime_set"] = (_num(table, "locktime") > 0).astype(np.float64)
+    f["has_op_return"] = _num(table, "has_op_return")
+
+    outputs = _list_column(table, "outputs")
+    inputs = _list_column(table, "inputs")
+    n_out = pc.list_value_length(outputs).to_numpy(zero_copy_only=False).astype(np.float64)
+    n_in = pc.list_value_length(inputs).to_numpy(zero_copy_only=False).astype(np.float64)
+    f["log_input_count"] = np.log1p(n_in)
+    f["log_output_count"] = np.log1p(n_out)
+    f["log_output_value"] = np.log1p(output_value)
+
+    out_flat = outputs.flatten()
+    out_parent = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False).astype(np.int64)
+    out_value = out_flat.field("value").to_numpy(zero_copy_only=False).astype(np.float64)
+    out_group = _script_groups(out_flat.field("script_type"))
+    safe_out = np.maximum(n_out, 1.0)
+
+    # Value shares use the outputs' own sum, not output_value, so they stay in [0, 1] by construction.
+    total = np.bincount(out_parent, weights=out_value, minlength=n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(total[out_parent] > 0, out_value / total[out_parent], 0.0)
+    f["output_hhi"] = np.bincount(out_parent, weights=share * share, minlength=n)
+    largest, second = _top_two(out_parent, out_value, n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f["output_max_share"] = np.where(total > 0, largest / total, 0.0)
+        f["value_change_ratio"] = np.where(largest > 0, second / largest, 0.0)
+
+    not_nulldata = out_group != _NULLDATA
+    dust = (out_value < DUST_LIMIT_SAT) & not_nulldata
+    dust_count = np.bincount(out_parent, weights=dust, minlength=n)
+    f["log_dust_output_count"] = np.log1p(dust_count)
+    f["dust_output_share"] = dust_count / safe_out
+
+    out_int = out_flat.field("value").to_numpy(zero_copy_only=False).astype(np.int64)
+    positive = out_int > 0
+    level = np.zeros(len(out_int), dtype=np.float64)
+    for unit in ROUND_UNITS_SAT:
+        level += positive & (out_int % unit == 0)
+    f["round_output_share"] = np.bincount(out_parent, weights=level > 0, minlength=n) / safe_out
+    f["round_output_level"] = np.bincount(out_parent, weights=level, minlength=n) / (3.0 * safe_out)
+
+    mix = np.bincount(out_parent * len(_GROUP_NAMES) + out_group, minlength=n * len(_GROUP_NAMES))
+    mix = mix.reshape(n, len(_GROUP_NAMES)) / safe_out[:, None]
+    for i, g in enumerate(_GROUP_NAMES):
+        f[f"out_share_{g}"] = mix[:, i]
+
+    prev = has_prevouts(table)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fee_rate = np.where(vsize > 0, fee / vsize, 0.0)
+        fee_share = np.where(input_value > 0, fee / input_value, 0.0)
+    f["log_fee_rate"] = np.log1p(np.maximum(fee_rate, 0.0))
+    f["log_fee"] = np.log1p(np.maximum(fee, 0.0))
+    f["log_input_value"] = np.log1p(input_value)
+    f["fee_share"] = np.clip(fee_share, 0.0, 1.0)
+    f["address_reuse_share"] = _address_reuse(inputs, outputs, out_parent, n) / safe_out
+    for name in FEATURES_PREVOUT:
+        f[name] = np.where(prev, f[name], np.nan)
+
+    index = df.index if isinstance(df, pd.DataFrame) else pd.RangeIndex(n)
+    # One 2-D block: cheaper to build and to slice into model inputs than 28 separate columns.
+    matrix = np.column_stack([f[name] for name in FEATURES_FULL]).astype(np.float64, copy=False)
+    return pd.DataFrame(matrix.reshape(n, len(FEATURES_FULL)), columns=FEATURES_FULL, index=index)
+
+
+def features_from_transactions(txs: Iterable[Transaction | Mapping[str, Any]]) -> pd.DataFrame:
+    """``compute_features`` for a list of ``Transaction`` objects or canonical dicts (e.g. parsed JSON)."""
+    rows = [t.model_dump(include=set(INPUT_COLUMNS)) if isinstance(t, Transaction) else t for t in txs]
+    return compute_features(pa.Table.from_pylist(rows, schema=_INPUT_SCHEMA))
+
+
+def has_prevouts(df: pd.DataFrame | pa.Table) -> np.ndarray:
+    """Rows whose fee and input value are known (so the full feature set applies). Coinbases never do."""
+    if isinstance(df, pa.Table):
+        fee, input_value = _num(df, "fee"), _num(df, "input_value")
+    else:
+        fee = pd.to_numeric(df["fee"]).to_numpy(dtype=np.float64, na_value=np.nan)
+        input_value = pd.to_numeric(df["input_value"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    return ~(np.isnan(fee) | np.isnan(input_value))
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _as_table(df: pd.DataFrame | pa.Table) -> pa.Table:
+    present = set(df.column_names if isinstance(df, pa.Table) else df.columns)
+    missing = [c for c in INPUT_COLUMNS if c not in present]
+    if missing:
+        raise KeyError(f"compute_features needs canonical columns, missing: {missing}")
+    if isinstance(df, pa.Table):
+        return df.select(list(INPUT_COLUMNS))
+    arrays = []
+    for field in _INPUT_SCHEMA:
+        col = df[field.name]
+        if pa.types.is_list(field.type):
+            # from_pandas handles both Python lists (JSON) and NumPy object arrays (Arrow → pandas).
+            arrays.append(pa.array(col.to_numpy(dtype=object), type=field.type, from_pandas=True))
+        else:
+            arrays.append(pa.Array.from_pandas(col))
+    return pa.Table.from_arrays(arrays, names=list(INPUT_COLUMNS))
+
+
+def _num(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    if pa.types.is_boolean(col.type):
+        col = pc.cast(col, pa.int8())
+    return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _list_column(table: pa.Table, name: str) -> pa.ListArray:
+    col = table.column(name)
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if arr.null_count:
+        arr = pc.fill_null(arr, pa.scalar([], type=arr.type))
+    return arr
+
+
+def _script_groups(script_type: pa.Array) -> np.ndarray:
+    encoded = pc.dictionary_encode(script_type)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    lut = np.array(
+        [_GROUP_OF.get(s, _NONSTANDARD) for s in encoded.dictionary.to_pylist()] or [_NONSTANDARD],
+        dtype=np.int64,
+    )
+    codes = pc.fill_null(encoded.indices, 0).to_numpy(zero_copy_only=False)
+    return lut[codes] if len(codes) else np.zeros(0, dtype=np.int64)
+
+
+def _top_two(parent: np.ndarray, value: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest and second-largest value per parent row (0 where absent)."""
+    largest = np.zeros(n)
+    second = np.zeros(n)
+    if not len(value):
+        return largest, second
+    order = np.lexsort((value, parent))  # by parent, then value ascending: group maxima sit at group ends
+    p, v = parent[order], value[order]
+    last = np.r_[p[1:] != p[:-1], True]
+    largest[p[last]] = v[last]
+    # The second-largest is the element just before a group end, when it belongs to the same group.
+    before_last = np.r_[last[1:], False] & np.r_[p[1:] == p[:-1], False]
+    second[p[before_last]] = v[before_last]
+    return largest, second
+
+
+def _address_reuse(inputs: pa.ListArray, outputs: pa.ListArray, out_parent: np.ndarray, n: int) -> np.ndarray:
+    """Per row, how many outputs pay to an address that also appears among the row's inputs."""
+    in_addr = inputs.flatten().field("address")
+    out_addr = outputs.flatten().field("address")
+    if not len(in_addr) or not len(out_addr):
+        return np.zeros(n)
+    in_parent = pc.list_parent_indices(inputs).to_numpy(zero_copy_only=False).astype(np.int64)
+    # One dictionary over both sides turns "same address" into "same integer code".
+    both = pc.dictionary_encode(pa.concat_arrays([in_addr, out_addr]))
+    codes = both.indices.to_numpy(zero_copy_only=False)
+    valid = ~np.asarray(pc.is_null(both.indices).to_numpy(zero_copy_only=False), dtype=bool)
+    codes = np.where(valid, codes, 0).astype(np.int64)
+    width = len(both.dictionary) + 1
+    k_in = len(in_addr)
+    in_keys = (in_parent * width + codes[:k_in])[valid[:k_in]]
+    out_keys = out_parent * width + codes[k_in:]
+    reused = np.isin(out_keys, in_keys) & valid[k_in:]
+    return np.bincount(out_parent, weights=reused, minlength=n)

@@ -1,0 +1,333 @@
+"""The promotion gate: a challenger becomes ``champion`` only if every check passes.
+
+Checks (limits from Settings, ``gate_*``):
+
+``min_train_rows``        the version was trained on at least ``gate_min_train_rows`` transactions.
+``anomaly_rate``          both forests flag a share of their training window within
+                          ``[contamination / gate_rate_tolerance, contamination * gate_rate_tolerance]``;
+                          a forest fit on too few or degenerate rows lands outside (ties, tiny n).
+``reference_stability``   on the bundled reference set (500 real transactions, ``reference.py``) every score
+                          is finite and in (0, 1] and at most ``gate_reference_max_flag_rate`` are flagged:
+                          a model that calls ordinary traffic anomalous would flood the alerts.
+``champion_agreement``    when a champion exists: Spearman rank correlation of the two models' scores on the
+                          reference set ≥ ``gate_min_rank_corr``; a retrain may move scores but should
+                          not reorder what is normal and what is not.
+``canaries``              at least ``gate_canary_min_flagged`` of the bundled canaries (real, extreme
+                          transactions) are flagged.
+
+Every decision, promotion or refusal, is written to the model version: tags ``promotion.status``,
+``promotion.reason``, ``promotion.decided_by``, ``promotion.decided_at``, ``promotion.checks`` (JSON), one
+``promotion.event.<timestamp>`` tag per decision (JSON, so repeated decisions are all kept) and a line in
+the description. A replaced champion gets ``promotion.superseded_by``/``_at``. ``promotion_history()``
+reads it all back in time order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from btc_anomaly.config import Settings
+from btc_anomaly.features import compute_features
+from btc_anomaly.model.bundle import KINDS, ModelBundle
+from btc_anomaly.model.reference import canary_transactions, reference_transactions
+from btc_anomaly.model.registry import (
+    CHALLENGER,
+    CHAMPION,
+    client,
+    load_alias,
+    load_version,
+    version_by_alias,
+    whoami,
+)
+
+EVENT_PREFIX = "promotion.event."
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    value: float | None
+    limit: str
+    detail: str
+
+
+@dataclass
+class GateDecision:
+    model_name: str
+    version: str
+    promoted: bool
+    checks: list[Check]
+    decided_by: str
+    decided_at: str
+    previous_champion: str | None = None
+    forced: bool = False
+    note: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def reason(self) -> str:
+        if self.note:
+            return self.note
+        if self.promoted and self.forced and self.failed:
+            return "forced despite: " + "; ".join(f"{c.name}: {c.detail}" for c in self.failed)
+        if self.promoted:
+            return f"all {len(self.checks)} checks passed"
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.failed)
+
+    @property
+    def summary(self) -> str:
+        verb = "promoted" if self.promoted else "refused"
+        return f"{verb} {self.model_name} v{self.version}: {self.reason}"
+
+    def to_event(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "status": "promoted" if self.promoted else "refused",
+            "decided_at": self.decided_at,
+            "decided_by": self.decided_by,
+            "reason": self.reason,
+            "previous_champion": self.previous_champion,
+            "forced": self.forced,
+            "checks": [asdict(c) for c in self.checks],
+            "metrics": self.metrics,
+        }
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+
+def _reference_scores(bundle: ModelBundle) -> tuple[np.ndarray, np.ndarray]:
+    scored = bundle.score_features(compute_features(reference_transactions()))
+    return scored["anomaly_score"].to_numpy(), scored["is_anomaly"].to_numpy()
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return float(rho) if not math.isnan(rho) else 0.0
+
+
+def evaluate(
+    settings: Settings,
+    bundle: ModelBundle,
+    tags: dict[str, str],
+    champion: ModelBundle | None,
+) -> tuple[list[Check], dict[str, float]]:
+    """Run every check on a challenger bundle; also return the numbers measured on the way."""
+    checks: list[Check] = []
+    metrics: dict[str, float] = {}
+    info_metrics = bundle.info.get("metrics", {})
+
+    rows = int(float(tags.get("train.rows", info_metrics.get("rows", 0))))
+    checks.append(
+        Check(
+            "min_train_rows",
+            rows >= settings.gate_min_train_rows,
+            rows,
+            f">= {settings.gate_min_train_rows}",
+            f"trained on {rows:,} rows (minimum {settings.gate_min_train_rows:,})",
+        )
+    )
+
+    c = float(tags.get("train.contamination", settings.iforest_contamination))
+    lo, hi = c / settings.gate_rate_tolerance, c * settings.gate_rate_tolerance
+    rates = {
+        k: float(tags.get(f"train.anomaly_rate_{k}", info_metrics.get(f"anomaly_rate_{k}", math.nan)))
+        for k in KINDS
+    }
+    bad = {k: r for k, r in rates.items() if not (lo <= r <= hi)}
+    checks.append(
+        Check(
+            "anomaly_rate",
+            not bad,
+            max(rates.values(), key=lambda r: abs(r - c)),
+            f"[{lo:.4f}, {hi:.4f}]",
+            ", ".join(f"{k} {r:.4f}" for k, r in rates.items())
+            + (f" outside [{lo:.4f}, {hi:.4f}]" if bad else f" within [{lo:.4f}, {hi:.4f}]"),
+        )
+    )
+
+    ref_scores, ref_flags = _reference_scores(bundle)
+    flag_rate = float(ref_flags.mean())
+    finite = bool(np.isfinite(ref_scores).all() and (ref_scores > 0).all() and (ref_scores <= 1).all())
+    metrics["reference_flag_rate"] = flag_rate
+    metrics["reference_score_median"] = float(np.median(ref_scores))
+    checks.append(
+        Check(
+            "reference_stability",
+            finite and flag_rate <= settings.gate_reference_max_flag_rate,
+            flag_rate,
+            f"<= {settings.gate_reference_max_flag_rate}",
+            f"{flag_rate:.1%} of {len(ref_scores)} reference transactions flagged "
+            f"(max {settings.gate_reference_max_flag_rate:.1%})"
+            + ("" if finite else "; scores out of (0, 1]"),
+        )
+    )
+
+    if champion is None:
+        checks.append(Check("champion_agreement", True, None, "n/a", "no champion yet"))
+    else:
+        champ_scores, _ = _reference_scores(champion)
+        rho = _spearman(ref_scores, champ_scores)
+        metrics["champion_rank_corr"] = rho
+        checks.append(
+            Check(
+                "champion_agreement",
+                rho >= settings.gate_min_rank_corr,
+                rho,
+                f">= {settings.gate_min_rank_corr}",
+                f"Spearman {rho:.3f} with the champion on the reference set (min {settings.gate_min_rank_corr})",
+            )
+        )
+
+    canaries = canary_transactions()
+    scored = bundle.score_features(compute_features(canaries))
+    flagged = scored["is_anomaly"].to_numpy()
+    share = float(flagged.mean()) if len(flagged) else 0.0
+    missed = [h[:12] for h, f in zip(canaries["hash"], flagged, strict=True) if not f]
+    metrics["canary_flagged_share"] = share
+    checks.append(
+        Check(
+            "canaries",
+            share >= settings.gate_canary_min_flagged,
+            share,
+            f">= {settings.gate_canary_min_flagged}",
+            f"{int(flagged.sum())}/{len(flagged)} canaries flagged"
+            + (f" (missed {', '.join(missed)})" if missed else ""),
+        )
+    )
+    return checks, metrics
+
+
+# --- decisions --------------------------------------------------------------------------------------
+
+
+def promote(
+    settings: Settings,
+    version: str | int | None = None,
+    *,
+    decided_by: str | None = None,
+    force: bool = False,
+) -> GateDecision:
+    """Gate ``version`` (default: the ``challenger`` alias) and move ``champion`` to it if it passes."""
+    c = client(settings)
+    if version is None:
+        mv = version_by_alias(settings, CHALLENGER, c)
+        if mv is None:
+            raise LookupError(f"{settings.model_name} has no '{CHALLENGER}' version to gate")
+        version = mv.version
+    version = str(version)
+    decided_by = decided_by or whoami()
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    champ_mv = version_by_alias(settings, CHAMPION, c)
+    previous = str(champ_mv.version) if champ_mv is not None else None
+    if previous == version:
+        return GateDecision(
+            settings.model_name, version, True, [], decided_by, now, previous, note="already the champion"
+        )
+
+    challenger = load_version(settings, version)
+    champion = load_alias(settings, CHAMPION) if previous is not None else None
+    checks, metrics = evaluate(
+        settings, challenger.bundle, challenger.tags, champion.bundle if champion else None
+    )
+    passed = all(ch.passed for ch in checks)
+    decision = GateDecision(
+        model_name=settings.model_name,
+        version=version,
+        promoted=passed or force,
+        checks=checks,
+        decided_by=decided_by,
+        decided_at=now,
+        previous_champion=previous,
+        forced=force and not passed,
+        metrics=metrics,
+    )
+    if decision.promoted:
+        c.set_registered_model_alias(settings.model_name, CHAMPION, version)
+    _record(c, settings, decision)
+    return decision
+
+
+def _record(c: Any, settings: Settings, d: GateDecision) -> None:
+    name = settings.model_name
+    event = d.to_event()
+    status = event["status"]
+    tags = {
+        "promotion.status": status,
+        "promotion.reason": d.reason[:4000],
+        "promotion.decided_by": d.decided_by,
+        "promotion.decided_at": d.decided_at,
+        "promotion.checks": json.dumps(
+            {ch.name: {"passed": ch.passed, "value": ch.value} for ch in d.checks}, separators=(",", ":")
+        ),
+        EVENT_PREFIX + d.decided_at.replace(":", "").replace("-", "").replace("+0000", "Z"): _compact(event),
+    }
+    if d.promoted and d.previous_champion:
+        tags["promotion.previous_champion"] = d.previous_champion
+    for k, v in tags.items():
+        c.set_model_version_tag(name, d.version, k, v)
+    mv = c.get_model_version(name, d.version)
+    line = f"[{d.decided_at}] {status.upper()}{' (forced)' if d.forced else ''} by {d.decided_by}: {d.reason}"
+    c.update_model_version(name, d.version, description=_append(mv.description, line))
+    if d.promoted and d.previous_champion:
+        c.set_model_version_tag(name, d.previous_champion, "promotion.superseded_by", d.version)
+        c.set_model_version_tag(name, d.previous_champion, "promotion.superseded_at", d.decided_at)
+        old = c.get_model_version(name, d.previous_champion)
+        note = f"[{d.decided_at}] SUPERSEDED as champion by v{d.version}"
+        c.update_model_version(name, d.previous_champion, description=_append(old.description, note))
+
+
+def _append(description: str | None, line: str, limit: int = 5000) -> str:
+    """Add a line to a version description within the registry's 5000-character column (Postgres
+    enforces it): the first line (training summary) is kept, the oldest decision lines go first."""
+    lines = [*(description or "").splitlines(), line]
+    while len(lines) > 2 and len("\n".join(lines)) > limit:
+        del lines[1]
+    return "\n".join(lines)[:limit]
+
+
+def _compact(event: dict[str, Any]) -> str:
+    """The event as JSON within MLflow's 5000-character tag limit (details go first)."""
+    text = json.dumps(event, separators=(",", ":"), default=str)
+    if len(text) <= 5000:
+        return text
+    slim = dict(
+        event,
+        checks=[{"name": c["name"], "passed": c["passed"], "value": c["value"]} for c in event["checks"]],
+    )
+    return json.dumps(slim, separators=(",", ":"), default=str)[:5000]
+
+
+def promotion_history(settings: Settings) -> list[dict[str, Any]]:
+    """Every gate decision on every version of the model, oldest first.
+
+    Each item is the recorded event (version, status, decided_at, decided_by, reason, previous_champion,
+    forced, checks, metrics). The champion history is the ``status == "promoted"`` items.
+    """
+    c = client(settings)
+    events: list[dict[str, Any]] = []
+    for mv in c.search_model_versions(f"name='{settings.model_name}'"):
+        for key, value in (mv.tags or {}).items():
+            if key.startswith(EVENT_PREFIX):
+                try:
+                    events.append(json.loads(value))
+                except json.JSONDecodeError:
+                    continue
+    return sorted(events, key=lambda e: (e.get("decided_at", ""), int(e.get("version", 0))))
+
+
+def champion_history(settings: Settings) -> list[dict[str, Any]]:
+    return [e for e in promotion_history(settings) if e.get("status") == "promoted"]
