@@ -9,7 +9,7 @@ JARS ?= .jars
 MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
 PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
-EXTRAS := producer spark
+EXTRAS := producer spark model
 APT_PACKAGES := openjdk-17-jre-headless maven
 
 .PHONY: help setup venv jars system-deps test unit integration lint format bench requirements clean

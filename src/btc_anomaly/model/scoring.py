@@ -4,7 +4,11 @@
 ``score_frame(df, model)`` turns canonical transactions into one scored row each::
 
     hash, first_seen, anomaly_score, is_anomaly, threshold, model_kind, reasons, top_features,
-    model_name, model_version, scored_at
+    model_name, model_version, scored_at, + TX_DISPLAY_COLUMNS (block_height, input_count, output_count,
+    output_value, fee, vsize, fee_rate)
+
+The display columns are copied from the transaction so `scored_transactions` alone can drive the
+dashboard and /anomalies (value, fee rate, fan-in/out) without joining the transactions table.
 
 ``anomaly_score`` is in (0, 1], higher = more anomalous; ``is_anomaly = anomaly_score > threshold``
 (the threshold is -offset_ of the forest that scored the row, see ``scorer.py``). ``reasons`` are
@@ -56,8 +60,18 @@ def scored_arrow_schema() -> pa.Schema:
             pa.field("model_name", pa.string(), nullable=False),
             pa.field("model_version", pa.string(), nullable=False),
             pa.field("scored_at", ts, nullable=False),
+            pa.field("block_height", pa.int64()),
+            pa.field("input_count", pa.int64()),
+            pa.field("output_count", pa.int64()),
+            pa.field("output_value", pa.int64()),
+            pa.field("fee", pa.int64()),
+            pa.field("vsize", pa.int64()),
+            pa.field("fee_rate", pa.float64()),
         ]
     )
+
+
+TX_DISPLAY_COLUMNS = ("block_height", "input_count", "output_count", "output_value", "fee", "vsize")
 
 
 SCORED_COLUMNS: list[str] = scored_arrow_schema().names
@@ -138,6 +152,7 @@ def score_frame(
         first_seen = pd.to_datetime(df["first_seen"], utc=True, format="ISO8601").reset_index(drop=True)
     else:
         first_seen = pd.Series(pd.NaT, index=pd.RangeIndex(n), dtype="datetime64[us, UTC]")
+    display = _display_columns(df)
     return pd.DataFrame(
         {
             "hash": df["hash"].to_numpy(dtype=object),
@@ -151,8 +166,27 @@ def score_frame(
             "model_name": model.name,
             "model_version": model.version,
             "scored_at": scored_at,
+            **display,
         }
     )
+
+
+def _display_columns(df: pd.DataFrame) -> dict[str, Any]:
+    """Transaction fields shown next to a score; nullable Int64 where the source may lack them."""
+    n = len(df)
+    out: dict[str, Any] = {}
+    for col in TX_DISPLAY_COLUMNS:
+        if col in df.columns:
+            out[col] = pd.array(pd.to_numeric(df[col]).to_numpy(dtype=np.float64, na_value=np.nan)).astype(
+                "Int64"
+            )
+        else:
+            out[col] = pd.array([pd.NA] * n, dtype="Int64")
+    fee = out["fee"].to_numpy(dtype=np.float64, na_value=np.nan)
+    vsize = out["vsize"].to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["fee_rate"] = np.where(vsize > 0, fee / vsize, np.nan)
+    return out
 
 
 def score_records(
@@ -166,6 +200,9 @@ def score_records(
         r["first_seen"] = r["first_seen"].isoformat() if pd.notna(r["first_seen"]) else None
         r["scored_at"] = r["scored_at"].isoformat()
         r["reason"] = "; ".join(r["reasons"])
+        for col in (*TX_DISPLAY_COLUMNS, "fee_rate"):
+            v = r[col]
+            r[col] = None if v is pd.NA or (isinstance(v, float) and np.isnan(v)) else v
     return result
 
 
