@@ -142,7 +142,9 @@ def parse_transaction(data: bytes | str | dict[str, Any]) -> Transaction:
     except orjson.JSONDecodeError as exc:
         raise InvalidTransaction(f"bad JSON: {exc}", data if not isinstance(data, dict) else None) from exc
     except ValidationError as exc:
-        raise InvalidTransaction(validation_reason(exc), data if not isinstance(data, dict) else None) from exc
+        raise InvalidTransaction(
+            validation_reason(exc), data if not isinstance(data, dict) else None
+        ) from exc
 
 
 def validation_reason(exc: ValidationError) -> str:
@@ -226,9 +228,7 @@ def non_negative_fields() -> list[str]:
 def required_fields() -> list[str]:
     """Top-level fields that may not be null."""
     return [
-        name
-        for name, info in Transaction.model_fields.items()
-        if not _unwrap(info.rebuild_annotation())[1]
+        name for name, info in Transaction.model_fields.items() if not _unwrap(info.rebuild_annotation())[1]
     ]
 
 

@@ -25,7 +25,10 @@ def test_produce_and_consume_round_trip(kafka_broker: KafkaBroker, topic_names: 
     producer.flush()
     producer.close()
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+        topic,
+        bootstrap_servers=kafka_broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
     )
     got = {m.key: m.value for m in consumer}
     consumer.close()

@@ -40,3 +40,10 @@ def test_config_reference_lists_every_setting() -> None:
 def test_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv(f"{ENV_PREFIX}KAFKA_BOOTSTRAP", "10.1.2.3:9999")
     assert Settings().kafka_bootstrap == "10.1.2.3:9999"
+
+
+def test_kafka_cluster_ids_never_look_like_options() -> None:
+    from btc_anomaly.runtime.kafka_broker import _cluster_id
+
+    ids = [_cluster_id() for _ in range(5000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)

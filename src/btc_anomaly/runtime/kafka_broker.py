@@ -51,8 +51,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _cluster_id() -> str:
-    # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, unpadded.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # Kafka's Uuid.toString(): URL-safe base64 of 16 random bytes, unpadded. Like Kafka's own generator,
+    # redraw ids starting with "-": the storage tool's argument parser would read them as an option.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 @dataclass
@@ -141,7 +145,9 @@ class KafkaBroker:
         )
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"kafka storage format failed: {result.stderr.strip() or result.stdout.strip()}")
+            raise RuntimeError(
+                f"kafka storage format failed: {result.stderr.strip() or result.stdout.strip()}"
+            )
 
     def command(self) -> list[str]:
         return self._java("kafka.Kafka", str(self.config_path), heap=self.heap)

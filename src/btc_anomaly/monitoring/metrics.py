@@ -1,0 +1,210 @@
+"""Every Prometheus metric of btc-anomaly: names, help texts and labels, defined once.
+
+Services import the objects from here instead of declaring their own, so a dashboard or alert rule can
+be checked against one file. Names carry the service prefix (``btc_producer_``, ...). prometheus-client
+appends ``_total`` to counters on exposition, so counter names below are given without it.
+
+Everything is registered in prometheus-client's default registry, which is what
+``prometheus_client.start_http_server`` exposes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- producer (ingestion/producer.py and its sources) ------------------------------------------------
+
+PRODUCER_FETCHED = Counter(
+    "btc_producer_fetched",
+    "Transactions received from a source (before dedup), by source.",
+    ["source"],
+)
+PRODUCER_PUBLISHED = Counter(
+    "btc_producer_published",
+    "Transactions acknowledged by Kafka (acks=all) on the transactions topic.",
+)
+PRODUCER_DUPLICATES = Counter(
+    "btc_producer_duplicates_skipped",
+    "Transactions not published because the same (hash, confirmed) was already sent in this run.",
+)
+PRODUCER_DLQ = Counter(
+    "btc_producer_dlq",
+    "Records that could not become a canonical transaction, sent to the dead-letter topic, by source.",
+    ["source"],
+)
+PRODUCER_ERRORS = Counter(
+    "btc_producer_errors",
+    "Errors by kind: failed HTTP attempts (http_429, http_5xx, http_4xx, timeout, connect, html, bad_json), "
+    "polls given up after retries (poll_failed), WebSocket drops (ws_disconnect), "
+    "Kafka sends re-queued (kafka_send).",
+    ["kind"],
+)
+PRODUCER_REQUEUED = Counter(
+    "btc_producer_requeued",
+    "Kafka sends that failed or timed out and were queued again (never dropped).",
+)
+PRODUCER_CLIENT_RESETS = Counter(
+    "btc_producer_kafka_client_resets",
+    "Kafka clients replaced after a delivery failure (everything unacknowledged is re-sent).",
+)
+PRODUCER_LAST_PUBLISH = Gauge(
+    "btc_producer_last_publish_timestamp_seconds",
+    "Unix time of the last Kafka acknowledgement on the transactions topic.",
+)
+PRODUCER_LAST_FETCH = Gauge(
+    "btc_producer_last_fetch_success_timestamp_seconds",
+    "Unix time of the last successful fetch from a source, by source.",
+    ["source"],
+)
+PRODUCER_WS_CONNECTED = Gauge(
+    "btc_producer_ws_connected",
+    "1 while the Blockchain.com WebSocket is connected, else 0.",
+)
+PRODUCER_REST_FALLBACK = Gauge(
+    "btc_producer_rest_fallback_active",
+    "1 while REST polling stands in for a WebSocket that has been down too long, else 0.",
+)
+
+ERROR_KINDS = (
+    "http_429",
+    "http_5xx",
+    "http_4xx",
+    "timeout",
+    "connect",
+    "html",
+    "bad_json",
+    "poll_failed",
+    "ws_disconnect",
+    "kafka_send",
+)
+
+
+def producer_error(kind: str, n: int = 1) -> None:
+    PRODUCER_ERRORS.labels(kind=kind).inc(n)
+
+
+# Export every error kind from the start, so rate() and alert rules see a 0 series instead of none.
+for _kind in ERROR_KINDS:
+    PRODUCER_ERRORS.labels(kind=_kind)
+
+# --- stream (processing/stream.py, exported by processing/metrics_listener.py) -----------------------
+
+STREAM_INPUT_ROWS = Counter(
+    "btc_stream_input_rows",
+    "Records read by a streaming query (Kafka records for `transactions`, inserts for `tx_stats`), by query.",
+    ["query"],
+)
+STREAM_INPUT_ROWS_PER_SECOND = Gauge(
+    "btc_stream_input_rows_per_second",
+    "Arrival rate of the last micro-batch (rows/s between the starts of the last two batches), by query.",
+    ["query"],
+)
+STREAM_PROCESSED_ROWS_PER_SECOND = Gauge(
+    "btc_stream_processed_rows_per_second",
+    "Processing rate of the last micro-batch (rows / batch duration), by query.",
+    ["query"],
+)
+STREAM_BATCH_DURATION = Histogram(
+    "btc_stream_batch_duration_seconds",
+    "Wall time of one micro-batch (read, parse, MERGE, commit), by query.",
+    ["query"],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
+)
+STREAM_BATCH_INPUT_ROWS = Gauge(
+    "btc_stream_batch_input_rows",
+    "Rows in the last micro-batch, by query.",
+    ["query"],
+)
+STREAM_LAST_BATCH = Gauge(
+    "btc_stream_last_batch_timestamp_seconds",
+    "Unix time the last micro-batch finished (also idle triggers), by query.",
+    ["query"],
+)
+STREAM_KAFKA_LAG = Gauge(
+    "btc_stream_kafka_offsets_behind_latest",
+    "Kafka records not yet read, from the source progress: stat = max / avg / min over partitions.",
+    ["stat"],
+)
+STREAM_QUARANTINED = Counter(
+    "btc_stream_quarantined_rows",
+    "Kafka records that were not a valid canonical transaction (written to the quarantine table).",
+)
+STREAM_STATE_ROWS = Gauge(
+    "btc_stream_state_rows",
+    "Rows held in streaming state (open windows of `tx_stats`), by query.",
+    ["query"],
+)
+STREAM_LATE_ROWS = Counter(
+    "btc_stream_late_rows_dropped",
+    "Rows ignored by the window aggregates because they arrived after the watermark, by query.",
+    ["query"],
+)
+STREAM_QUERY_ACTIVE = Gauge(
+    "btc_stream_query_active",
+    "1 while a streaming query runs, 0 after it stopped or failed, by query.",
+    ["query"],
+)
+STREAM_QUERY_FAILURES = Counter(
+    "btc_stream_query_failures",
+    "Streaming queries that terminated with an exception, by query.",
+    ["query"],
+)
+
+
+# --- api (api/: FastAPI service; several uvicorn workers share PROMETHEUS_MULTIPROC_DIR) -------------
+# Gauges say how they combine across worker processes (multiprocess_mode); ignored in a single process.
+
+API_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+API_SCORE_BUCKETS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9, 1.0)
+
+API_REQUESTS = Counter(
+    "btc_api_requests",
+    "HTTP requests answered, by method, route template (<unmatched> for unknown paths) and status code.",
+    ["method", "route", "status"],
+)
+API_LATENCY = Histogram(
+    "btc_api_request_duration_seconds",
+    "Time from request start to the last response byte, by method, route template and status code.",
+    ["method", "route", "status"],
+    buckets=API_LATENCY_BUCKETS,
+)
+API_PREDICTIONS = Counter(
+    "btc_api_predictions",
+    "Transactions scored, by label (anomaly | normal) and forest (full | structural).",
+    ["label", "model_kind"],
+)
+API_SCORES = Histogram(
+    "btc_api_anomaly_score",
+    "anomaly_score of every transaction scored, by forest (full | structural).",
+    ["model_kind"],
+    buckets=API_SCORE_BUCKETS,
+)
+API_MODEL_INFO = Gauge(
+    "btc_api_model_info",
+    "1 for the model version a worker is serving (name, version, alias), 0 for one it has replaced.",
+    ["name", "version", "alias"],
+    multiprocess_mode="livemax",
+)
+API_MODEL_LOADED_AT = Gauge(
+    "btc_api_model_loaded_timestamp_seconds",
+    "Unix time the serving model was loaded (newest over live workers).",
+    multiprocess_mode="livemax",
+)
+API_MODEL_RELOADS = Counter(
+    "btc_api_model_reloads",
+    "Model loads after an alias change or a forced reload, by result (success | failure).",
+    ["result"],
+)
+API_RAW_ITEMS = Counter(
+    "btc_api_raw_items",
+    "Raw hex transactions received by /predict/raw, by result (scored | invalid).",
+    ["result"],
+)
+API_PREVOUT_LOOKUPS = Counter(
+    "btc_api_prevout_lookups",
+    "Parent transactions needed by /predict/raw, by result: fetched, cached, not_found, failed, skipped "
+    "(over the per-request cap, lookups disabled or the source marked unreachable).",
+    ["result"],
+)

@@ -1,0 +1,71 @@
+"""Pure parts of the producer: Kafka-compatible partitioning and the dead-letter envelope."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kafka.partitioner.default import murmur2
+from typer.testing import CliRunner
+
+from btc_anomaly.cli import app
+from btc_anomaly.ingestion.partitioning import murmur2_batch, partitions_for
+from btc_anomaly.ingestion.producer import DLQ_RAW_MAX, dlq_envelope
+from btc_anomaly.ingestion.records import Failure
+
+
+@given(
+    st.integers(min_value=0, max_value=70),
+    st.lists(st.binary(min_size=70, max_size=70), min_size=1, max_size=30),
+)
+def test_batch_murmur2_matches_the_java_client_reference(length: int, blobs: list[bytes]) -> None:
+    keys = [b[:length] for b in blobs]
+    assert murmur2_batch(keys).tolist() == [murmur2(k) & 0xFFFFFFFF for k in keys]
+
+
+@given(st.lists(st.binary(max_size=80), max_size=30), st.integers(min_value=1, max_value=64))
+def test_partitions_match_kafkas_default_partitioner(keys: list[bytes], n: int) -> None:
+    assert partitions_for(keys, n) == [(murmur2(k) & 0x7FFFFFFF) % n for k in keys]
+
+
+NOW = dt.datetime(2025, 1, 2, 3, 4, 5, 600_000, tzinfo=dt.UTC)
+
+
+def test_envelope_of_a_json_object_keeps_it_as_json_text() -> None:
+    raw = {"hash": "ab" * 32, "out": [{"value": -1}]}
+    env = orjson.loads(dlq_envelope(Failure(raw=raw, reason="negative", source="rest"), now=NOW))
+    assert env == {
+        "reason": "negative",
+        "source": "rest",
+        "time": "2025-01-02T03:04:05.600000Z",
+        "raw": orjson.dumps(raw).decode(),
+        "raw_encoding": "json",
+        "raw_truncated": False,
+    }
+
+
+def test_envelope_of_binary_is_base64_and_huge_payloads_are_cut() -> None:
+    binary = orjson.loads(dlq_envelope(Failure(raw=b"\xff\x00\xfe", reason="r", source="block")))
+    assert binary["raw_encoding"] == "base64" and base64.b64decode(binary["raw"]) == b"\xff\x00\xfe"
+    huge = orjson.loads(dlq_envelope(Failure(raw="x" * (DLQ_RAW_MAX + 10), reason="r", source="ws")))
+    assert huge["raw_truncated"] is True and len(huge["raw"]) == DLQ_RAW_MAX
+    empty = orjson.loads(dlq_envelope(Failure(raw=None, reason="r", source="ws")))
+    assert empty["raw"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["produce", "--source", "kafka"], "expected rest, ws, replay or blocks"),
+        (["produce", "--source", "blocks"], "needs one or more block files"),
+        (["produce", "--source", "ws", "x.json"], "takes no paths"),
+    ],
+)
+def test_produce_rejects_bad_arguments_before_connecting(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, args, env={"BTC_ANOMALY_PRODUCER_METRICS_PORT": "0"})
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ")
