@@ -9,10 +9,11 @@ JARS ?= .jars
 MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
 PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
-EXTRAS := producer spark model
-APT_PACKAGES := openjdk-17-jre-headless maven
+EXTRAS := producer spark model dashboard
+# Java + Maven for the JVM jars, Prometheus (promtool) for the observability tests, Chromium for browser tests.
+APT_PACKAGES := openjdk-17-jre-headless maven prometheus chromium chromium-driver
 
-.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements clean
+.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -74,3 +75,6 @@ requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyP
 
 clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
 	rm -rf var
+
+readme: venv  ## regenerate the README's Settings and metrics reference from the code
+	$(BIN)/python scripts/update_readme.py

@@ -1,0 +1,106 @@
+"""``create_app(settings)``: the Dash app of ``btc-anomaly dashboard`` (default :8050).
+
+The Flask server under Dash also answers ``/metrics`` (Prometheus text format, the default registry
+with the ``btc_dashboard_*`` metrics) and ``/healthz``.
+
+Serving. ``serve()`` runs one gunicorn process with request threads (``dashboard_threads``): a single
+process keeps one Delta cache and one MLflow poller for every browser, and the NumPy work of a
+callback releases the GIL for most of its time. Without gunicorn it falls back to Werkzeug's threaded
+server.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dash import Dash
+from flask import Response
+
+from btc_anomaly.config import Settings, get_settings
+from btc_anomaly.dashboard import callbacks
+from btc_anomaly.dashboard.data import Filters
+from btc_anomaly.dashboard.layout import build_layout
+from btc_anomaly.dashboard.views import DashboardState, now_utc
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).parent / "assets"
+
+
+def create_app(settings: Settings | None = None, state: DashboardState | None = None) -> Dash:
+    settings = settings or get_settings()
+    state = state or DashboardState.from_settings(settings)
+    app = Dash(
+        __name__,
+        title="btc-anomaly",
+        assets_folder=str(ASSETS),
+        update_title=None,  # no "Updating..." tab title flicker on every live refresh
+        serve_locally=True,  # the analyst's network may not reach a CDN
+    )
+
+    def layout() -> Any:
+        # A function: evaluated on every page load, so the threshold slider starts at the current
+        # champion's threshold as found in the newest scored rows.
+        filters = Filters(window=settings.dashboard_default_window)
+        try:
+            threshold = state.snapshot(filters, now_utc()).model_threshold()
+        except Exception:  # the page must load even if the lake cannot be read; the banner says why
+            log.exception("reading the lake for the page layout")
+            threshold = None
+        return build_layout(settings, threshold)
+
+    app.layout = layout
+    callbacks.register(app, state)
+    _routes(app)
+    app.dashboard_state = state  # type: ignore[attr-defined]
+    return app
+
+
+def _routes(app: Dash) -> None:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    server = app.server
+
+    @server.route("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+    @server.route("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+
+def serve(settings: Settings, app: Dash | None = None) -> None:
+    """Run the dashboard in the foreground on ``dashboard_host:dashboard_port``."""
+    app = app or create_app(settings)
+    bind = f"{settings.dashboard_host}:{settings.dashboard_port}"
+    try:
+        from gunicorn.app.base import BaseApplication
+    except ImportError:
+        log.warning("gunicorn not installed: serving with Werkzeug's threaded server")
+        from werkzeug.serving import run_simple
+
+        run_simple(settings.dashboard_host, settings.dashboard_port, app.server, threaded=True)
+        return
+
+    class _Gunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": bind,
+                "workers": 1,
+                "worker_class": "gthread",
+                "threads": max(1, settings.dashboard_threads),
+                "timeout": 120,
+                "graceful_timeout": 10,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": "info",
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return app.server
+
+    log.info("dashboard on http://%s (metrics at /metrics)", bind)
+    _Gunicorn().run()
