@@ -10,8 +10,9 @@ MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
 PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
 EXTRAS := producer spark model dashboard
-# Java + Maven for the JVM jars, Prometheus (promtool) for the observability tests, Chromium for browser tests.
-APT_PACKAGES := openjdk-17-jre-headless maven prometheus chromium chromium-driver
+# Java + Maven for the JVM jars, Prometheus + Alertmanager (promtool, amtool) for the observability tests,
+# Chromium + chromedriver for the dashboard browser tests.
+APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver
 
 .PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean
 

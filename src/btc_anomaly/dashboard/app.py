@@ -71,9 +71,8 @@ def _routes(app: Dash) -> None:
         return Response("ok\n", mimetype="text/plain")
 
 
-def serve(settings: Settings, app: Dash | None = None) -> None:
+def serve(settings: Settings) -> None:
     """Run the dashboard in the foreground on ``dashboard_host:dashboard_port``."""
-    app = app or create_app(settings)
     bind = f"{settings.dashboard_host}:{settings.dashboard_port}"
     try:
         from gunicorn.app.base import BaseApplication
@@ -81,7 +80,7 @@ def serve(settings: Settings, app: Dash | None = None) -> None:
         log.warning("gunicorn not installed: serving with Werkzeug's threaded server")
         from werkzeug.serving import run_simple
 
-        run_simple(settings.dashboard_host, settings.dashboard_port, app.server, threaded=True)
+        run_simple(settings.dashboard_host, settings.dashboard_port, create_app(settings).server, threaded=True)
         return
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -100,7 +99,9 @@ def serve(settings: Settings, app: Dash | None = None) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return app.server
+            # Build the app in the worker, after gunicorn's fork: delta-rs refuses to run in a process
+            # forked from one that already opened a table ("Forked process detected").
+            return create_app(settings).server
 
     log.info("dashboard on http://%s (metrics at /metrics)", bind)
     _Gunicorn().run()

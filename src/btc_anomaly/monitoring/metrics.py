@@ -208,3 +208,152 @@ API_PREVOUT_LOOKUPS = Counter(
     "(over the per-request cap, lookups disabled or the source marked unreachable).",
     ["result"],
 )
+
+
+# --- dashboard (dashboard/: Dash app, one process; served at /metrics of the dashboard's own server) ---
+
+DASHBOARD_CALLBACKS = (
+    "refresh_panels",
+    "table_page",
+    "detail",
+    "model_page",
+    "reset_threshold",
+)
+DASHBOARD_CALLBACK_LATENCY = Histogram(
+    "btc_dashboard_callback_duration_seconds",
+    "Server time of one Dash callback (Delta cache check, queries, figure building), by callback.",
+    ["callback"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0),
+)
+DASHBOARD_CALLBACK_ERRORS = Counter(
+    "btc_dashboard_callback_errors",
+    "Dash callbacks that raised (the page shows an error state instead of the panel), by callback.",
+    ["callback"],
+)
+DASHBOARD_DELTA_FILES_READ = Counter(
+    "btc_dashboard_delta_files_read",
+    "Delta data files read into the dashboard's cache (new files only: unchanged ones are reused), by table.",
+    ["table"],
+)
+DASHBOARD_CACHED_ROWS = Gauge(
+    "btc_dashboard_cached_rows",
+    "Scored rows held in the dashboard's in-memory cache, by table.",
+    ["table"],
+)
+DASHBOARD_MLFLOW_UP = Gauge(
+    "btc_dashboard_mlflow_up",
+    "1 when the dashboard's last MLflow registry poll succeeded, else 0.",
+)
+
+# Export every callback's error series from the start, so rate() and alert rules see 0 instead of none.
+for _callback in DASHBOARD_CALLBACKS:
+    DASHBOARD_CALLBACK_ERRORS.labels(callback=_callback)
+
+# --- trainer (`btc-anomaly train --every`, served on Settings.trainer_metrics_port; monitoring/trainer.py) -
+# A one-shot `btc-anomaly train` sets these too but exits before anything could scrape them.
+
+TRAINER_RESULTS = ("success", "failure")
+TRAINER_OUTCOMES = ("promoted", "forced", "refused", "unchanged", "skipped")
+
+TRAINER_RUNS = Counter(
+    "btc_trainer_runs",
+    "Training runs finished, by result (success | failure).",
+    ["result"],
+)
+TRAINER_CONSECUTIVE_FAILURES = Gauge(
+    "btc_trainer_consecutive_failures",
+    "Scheduled training runs that failed in a row (0 after a success).",
+)
+TRAINER_LAST_SUCCESS = Gauge(
+    "btc_trainer_last_success_timestamp_seconds",
+    "Unix time the last successful training run finished (0 = none yet in this process).",
+)
+TRAINER_LAST_DURATION = Gauge(
+    "btc_trainer_last_run_duration_seconds",
+    "Wall time of the last successful run: read, features, fit, MLflow log, register and gate.",
+)
+TRAINER_ROWS = Gauge(
+    "btc_trainer_training_rows",
+    "Rows in the last successful training window, by model_kind (full = with prevouts, structural = all).",
+    ["model_kind"],
+)
+TRAINER_ANOMALY_RATE = Gauge(
+    "btc_trainer_training_anomaly_rate",
+    "Share of its training window the version just trained flags, by model_kind (full | structural | all).",
+    ["model_kind"],
+)
+TRAINER_MODEL_VERSION = Gauge(
+    "btc_trainer_model_version",
+    "Registry version number the last successful run registered (the challenger).",
+)
+TRAINER_PROMOTIONS = Counter(
+    "btc_trainer_promotion_decisions",
+    "Promotion gate outcomes of training runs: promoted, forced, refused, unchanged (already the champion), "
+    "skipped (--no-promote).",
+    ["outcome"],
+)
+TRAINER_GATE_CHECK = Gauge(
+    "btc_trainer_gate_check_passed",
+    "Last promotion gate decision: 1 if the check passed, 0 if it failed, by check.",
+    ["check"],
+)
+TRAINER_CHAMPION_VERSION = Gauge(
+    "btc_trainer_champion_version",
+    "Registry version number behind the champion alias (0 = no champion), read after every run.",
+)
+TRAINER_CHAMPION_CREATED = Gauge(
+    "btc_trainer_champion_created_timestamp_seconds",
+    "Unix time the champion version was registered, i.e. trained (stale-champion alert).",
+)
+TRAINER_CHAMPION_PROMOTED = Gauge(
+    "btc_trainer_champion_promoted_timestamp_seconds",
+    "Unix time the promotion gate made the current champion champion (0 = unknown).",
+)
+TRAINER_CHAMPION_ANOMALY_RATE = Gauge(
+    "btc_trainer_champion_training_anomaly_rate",
+    "Share of its own training window the champion flags, by model_kind (full | structural): the "
+    "reference of the anomaly-rate drift alert.",
+    ["model_kind"],
+)
+
+for _result in TRAINER_RESULTS:
+    TRAINER_RUNS.labels(result=_result)
+for _outcome in TRAINER_OUTCOMES:
+    TRAINER_PROMOTIONS.labels(outcome=_outcome)
+
+# --- notifier (monitoring/notifier.py: Slack-compatible anomaly webhook, in whichever process scores) -----
+
+NOTIFIER_MESSAGES = Counter(
+    "btc_notifier_messages",
+    "Webhook messages delivered (HTTP 2xx), by kind (anomaly | summary | alert).",
+    ["kind"],
+)
+NOTIFIER_SUMMARISED = Counter(
+    "btc_notifier_summarised",
+    "Anomalies held back by the rate limit and folded into a summary message instead.",
+)
+NOTIFIER_DROPPED = Counter(
+    "btc_notifier_dropped",
+    "Notifications never sent, by reason (queue_full: the caller outpaced the sender; shutdown).",
+    ["reason"],
+)
+NOTIFIER_FAILURES = Counter(
+    "btc_notifier_failures",
+    "Webhook posts that failed, by reason (http_4xx, http_5xx, http_429, timeout, connect, error).",
+    ["reason"],
+)
+NOTIFIER_QUEUE = Gauge(
+    "btc_notifier_queue_size",
+    "Notifications waiting for the sender thread.",
+    multiprocess_mode="livesum",
+)
+
+NOTIFIER_KINDS = ("anomaly", "summary", "alert")
+NOTIFIER_DROP_REASONS = ("queue_full", "shutdown")
+NOTIFIER_FAILURE_REASONS = ("http_4xx", "http_5xx", "http_429", "timeout", "connect", "error")
+for _kind in NOTIFIER_KINDS:
+    NOTIFIER_MESSAGES.labels(kind=_kind)
+for _reason in NOTIFIER_DROP_REASONS:
+    NOTIFIER_DROPPED.labels(reason=_reason)
+for _reason in NOTIFIER_FAILURE_REASONS:
+    NOTIFIER_FAILURES.labels(reason=_reason)

@@ -1,0 +1,237 @@
+"""Metrics catalogue, Prometheus config and alert rules, Alertmanager config, Grafana dashboards.
+
+promtool/amtool come from Debian's `prometheus` / `prometheus-alertmanager` packages (`make test` installs
+them); the tests that need them skip with that message when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+from typer.testing import CliRunner
+
+from btc_anomaly.cli import app
+from btc_anomaly.config import PROJECT_ROOT, Settings
+from btc_anomaly.monitoring import grafana, metrics, promql
+from btc_anomaly.monitoring import prometheus_config as pc
+from btc_anomaly.monitoring.catalogue import catalogue, catalogue_markdown, sample_names, service_of
+
+PROM_DIR = PROJECT_ROOT / "monitoring" / "prometheus"
+AM_DIR = PROJECT_ROOT / "monitoring" / "alertmanager"
+GRAFANA = PROJECT_ROOT / "grafana"
+SERVICES = {"producer", "stream", "trainer", "api", "dashboard", "notifier"}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/bin")
+    if path is None:
+        package = "prometheus-alertmanager" if name == "amtool" else "prometheus"
+        pytest.skip(f"{name} is not installed: apt-get install {package} (`make test` installs it)")
+    return path
+
+
+def run(*cmd: str, cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def defaults() -> Settings:
+    # Defaults only: no .env file, no BTC_ANOMALY_* variables of the machine running the tests.
+    return Settings.model_construct()
+
+
+# --- catalogue ---------------------------------------------------------------------------------------
+
+
+def test_catalogue_lists_every_metric_object_once() -> None:
+    objects = [o for o in vars(metrics).values() if isinstance(o, MetricWrapperBase)]
+    docs = catalogue()
+    assert len(docs) == len(objects)
+    names = [d.name for d in docs]
+    assert len(set(names)) == len(names)
+    for d in docs:
+        assert service_of(d.name) in SERVICES, d.name
+        assert d.help.strip(), d.name
+        assert not d.name.endswith("_total"), f"{d.name}: prometheus-client appends _total itself"
+
+
+def test_metrics_markdown_is_generated_from_the_objects() -> None:
+    result = CliRunner().invoke(app, ["metrics", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == catalogue_markdown()
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "| metric | type | labels | meaning |"
+    assert len(lines) == 2 + len(catalogue())
+    assert "| `btc_trainer_champion_training_anomaly_rate` | gauge | `model_kind` |" in result.output
+    assert "| `btc_producer_published_total` | counter | — |" in result.output
+    assert "`btc_api_request_duration_seconds` | histogram | `method`, `route`, `status`" in result.output
+
+
+# --- PromQL helpers ------------------------------------------------------------------------------------
+
+
+def test_promql_metric_names() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, route) (rate(btc_api_request_duration_seconds_bucket{route=~"/p.*",'
+        'status!="200"}[$__rate_interval]))) > 1 and on (job) up{job="api"} offset 5m or vector(0) '
+        '/ ignoring(instance) group_left(version) {__name__="btc_api_model_info"} * 1e3'
+    )
+    assert promql.metric_names(expr) == {
+        "btc_api_request_duration_seconds_bucket",
+        "up",
+        "btc_api_model_info",
+    }
+
+
+def test_promql_as_bool_leaves_matchers_alone() -> None:
+    expr = 'sum(rate(x{status=~"5..", route!="/metrics"}[5m])) / y >= 0.05 and z == 1 or w<2'
+    assert promql.as_bool(expr) == (
+        'sum(rate(x{status=~"5..", route!="/metrics"}[5m])) / y >= bool 0.05 and z == bool 1 or w< bool2'
+    )
+    assert promql.as_bool("a > bool 1") == "a > bool 1"
+
+
+# --- Prometheus ------------------------------------------------------------------------------------------
+
+
+def test_committed_prometheus_configs_are_the_rendered_defaults() -> None:
+    assert (PROM_DIR / "prometheus.yml").read_text() == pc.local_config(defaults()), (
+        "regenerate: btc-anomaly prometheus --print-config > monitoring/prometheus/prometheus.yml"
+    )
+    assert (PROM_DIR / "prometheus.compose.yml").read_text() == pc.compose_config(defaults()), (
+        "regenerate: btc-anomaly prometheus --print-config --compose > monitoring/prometheus/prometheus.compose.yml"
+    )
+    local = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in local["scrape_configs"]}
+    assert targets == {
+        "prometheus": "127.0.0.1:9090",
+        "producer": "127.0.0.1:9201",
+        "stream": "127.0.0.1:9202",
+        "trainer": "127.0.0.1:9203",
+        "api": "127.0.0.1:5001",
+        "dashboard": "127.0.0.1:8050",
+    }
+    compose = yaml.safe_load((PROM_DIR / "prometheus.compose.yml").read_text())
+    hosts = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in compose["scrape_configs"]}
+    assert hosts["api"] == "api:5001" and hosts["trainer"] == "trainer:9203"
+
+
+def test_promtool_check_config(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    for name in ("prometheus.yml", "prometheus.compose.yml"):
+        out = run(promtool, "check", "config", name, cwd=PROM_DIR)
+        assert "SUCCESS" in out
+    # What `btc-anomaly prometheus` writes for non-default Settings (absolute rule path, other ports).
+    settings = Settings.model_construct(producer_metrics_port=19201, prometheus_scrape_interval_s=2.5)
+    path = pc.write_runtime_config(settings, tmp_path)
+    assert "127.0.0.1:19201" in path.read_text() and "scrape_interval: 2500ms" in path.read_text()
+    run(promtool, "check", "config", str(path))
+
+
+def test_promtool_check_and_unit_test_rules() -> None:
+    promtool = tool("promtool")
+    out = run(promtool, "check", "rules", "alerts.yml", cwd=PROM_DIR)
+    assert "SUCCESS: 11 rules found" in out
+    run(promtool, "test", "rules", "alerts.test.yml", cwd=PROM_DIR)
+
+
+def test_alert_rules_follow_the_conventions() -> None:
+    rules = [r for g in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    tested = (PROM_DIR / "alerts.test.yml").read_text()
+    for rule in rules:
+        assert rule["alert"].startswith("Btc")
+        assert rule["labels"]["severity"] in ("critical", "warning")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert f"alertname: {rule['alert']}" in tested, f"{rule['alert']} has no promtool unit test"
+
+
+def test_amtool_check_config() -> None:
+    amtool = tool("amtool")
+    for name in ("alertmanager.yml", "alertmanager.compose.yml"):
+        out = run(amtool, "check-config", name, cwd=AM_DIR)
+        assert "SUCCESS" in out
+    config = yaml.safe_load((AM_DIR / "alertmanager.yml").read_text())
+    (receiver,) = config["receivers"]
+    assert (
+        receiver["webhook_configs"][0]["url"]
+        == f"http://127.0.0.1:{defaults().alert_relay_port}/alertmanager"
+    )
+
+
+# --- Grafana ---------------------------------------------------------------------------------------------
+
+
+def _datasource_uid() -> str:
+    doc = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    (ds,) = doc["datasources"]
+    assert ds["type"] == "prometheus"
+    return ds["uid"]
+
+
+def test_committed_dashboards_are_the_built_ones() -> None:
+    built = grafana.build()
+    committed = {p.name for p in (GRAFANA / "dashboards").glob("*.json")}
+    assert committed == set(built)
+    for name, obj in built.items():
+        assert (GRAFANA / "dashboards" / name).read_text() == grafana.render(obj), (
+            f"{name} differs: regenerate with `python -m btc_anomaly.monitoring.grafana`"
+        )
+
+
+def test_dashboards_are_valid_and_use_the_provisioned_datasource() -> None:
+    uid = _datasource_uid()
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "btc-anomaly.yml").read_text())
+    assert provider["providers"][0]["type"] == "file"
+    uids = set()
+    for path in sorted((GRAFANA / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36, path.name
+        assert board["uid"] not in uids and board["title"]
+        uids.add(board["uid"])
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate panel ids"
+        panels = [p for p in board["panels"] if p["type"] != "row"]
+        assert panels
+        for panel in panels:
+            where = f"{path.name} / {panel['title']}"
+            assert panel["datasource"] == {"type": "prometheus", "uid": uid}, where
+            assert panel["targets"], where
+            g = panel["gridPos"]
+            assert g["x"] + g["w"] <= 24, where
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == uid, where
+                assert target.get("expr", "").strip(), f"{where}: target {target.get('refId')} has no expr"
+
+
+def test_every_query_uses_only_catalogued_metrics() -> None:
+    known = sample_names()
+    queries = [
+        *promql.dashboard_queries(GRAFANA / "dashboards"),
+        *promql.rule_queries(PROM_DIR / "alerts.yml"),
+    ]
+    assert len(queries) > 60
+    unknown = {}
+    for q in queries:
+        names = promql.metric_names(q.expr)
+        assert names, f"{q.where}: no metric in {q.expr!r}"
+        if names - known:
+            unknown[q.where] = sorted(names - known)
+    assert not unknown, f"metrics not in monitoring/metrics.py: {unknown}"
+    # And every alert expression still parses once the test's `bool` rewrite is applied.
+    for q in queries:
+        if q.kind == "alert":
+            assert " bool " in promql.as_bool(q.expr)
+
+
+def test_env_example_documents_the_grafana_password() -> None:
+    text = (PROJECT_ROOT / ".env.example").read_text()
+    assert "GF_SECURITY_ADMIN_PASSWORD=" in text
+    line = next(x for x in text.splitlines() if x.startswith("GF_SECURITY_ADMIN_PASSWORD="))
+    assert line == "GF_SECURITY_ADMIN_PASSWORD=", "no default admin password may be committed"
