@@ -70,9 +70,9 @@ bench: setup  ## benchmarks; results are appended to bench/RESULTS.md by hand fr
 requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyPI)
 	$(BIN)/pip install -q pip-tools
 	for extra in $(EXTRAS); do \
-	  $(BIN)/pip-compile -q --strip-extras --no-header --extra $$extra -o requirements/$$extra.txt pyproject.toml; \
+	  $(BIN)/pip-compile -q --strip-extras --no-header --no-emit-find-links --extra $$extra -o requirements/$$extra.txt pyproject.toml; \
 	done
-	$(BIN)/pip-compile -q --strip-extras --no-header $(foreach e,$(EXTRAS) dev,--extra $(e)) -o requirements/dev.txt pyproject.toml
+	$(BIN)/pip-compile -q --strip-extras --no-header --no-emit-find-links $(foreach e,$(EXTRAS) dev,--extra $(e)) -o requirements/dev.txt pyproject.toml
 
 clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
 	rm -rf var
