@@ -11,8 +11,8 @@ PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
 EXTRAS := producer spark model dashboard
 # Java + Maven for the JVM jars, Prometheus + Alertmanager (promtool, amtool) for the observability tests,
-# Chromium + chromedriver for the dashboard browser tests.
-APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver
+# Chromium + chromedriver for the dashboard browser tests, wrk as the API benchmark's load generator.
+APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver wrk
 
 .PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean
 

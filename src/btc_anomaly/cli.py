@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -82,6 +83,408 @@ def decode(
 
     for raw in hexes:
         typer.echo(json.dumps(decode_summary(raw)))
+
+
+@app.command()
+def produce(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="replay: canonical JSONL(.gz) files (default: the bundled sample); blocks: raw block files; "
+            "rest: tx hashes to fetch once with /rawtx.",
+            show_default=False,
+        ),
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="rest | ws | replay | blocks (default: BTC_ANOMALY_PRODUCER_SOURCE).")
+    ] = None,
+    speed: Annotated[
+        float | None, typer.Option(help="Replay speed: 0 = as fast as possible, 1 = real time, N = N x.")
+    ] = None,
+    loop: Annotated[
+        bool | None, typer.Option("--loop/--no-loop", help="Replay forever, fresh hashes per loop.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after sending this many transactions.")] = None,
+    prevouts: Annotated[
+        list[Path] | None, typer.Option(help="blocks: *.utxos.json prevout files, for exact fees.")
+    ] = None,
+) -> None:
+    """Publish Bitcoin transactions to Kafka (REST poll, WebSocket push, sample replay or block files)."""
+    import threading
+
+    from btc_anomaly.ingestion.producer import run_producer
+
+    _logging()
+    s = get_settings()
+    chosen = source or s.producer_source
+    if chosen not in ("rest", "ws", "replay", "blocks"):
+        raise typer.BadParameter(f"{chosen!r}: expected rest, ws, replay or blocks", param_hint="--source")
+    if chosen == "blocks" and not paths:
+        raise typer.BadParameter("--source blocks needs one or more block files", param_hint="PATHS")
+    if chosen == "ws" and paths:
+        raise typer.BadParameter("--source ws takes no paths", param_hint="PATHS")
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("btc_anomaly.produce").info("signal %d: flushing and stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if s.producer_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(s.producer_metrics_port)
+    stats = run_producer(
+        s, chosen, paths=paths, speed=speed, loop=loop, limit=limit, prevouts=prevouts, stop=stop
+    )
+    typer.echo(json.dumps(stats.as_dict()))
+
+
+@app.command("latest-block")
+def latest_block(
+    n: Annotated[int, typer.Option("--n", help="How many transactions (the block's last n).")] = 10,
+) -> None:
+    """Print the latest n transactions of the current block as canonical JSON lines (REST)."""
+    import asyncio
+
+    from btc_anomaly.ingestion.rest_source import BlockchainClient, latest_block_transactions
+
+    _logging("WARNING")
+    s = get_settings()
+
+    async def fetch() -> list[bytes]:
+        async with BlockchainClient(s) as client:
+            return [tx.to_json_bytes() for tx in await latest_block_transactions(client, n)]
+
+    for line in asyncio.run(fetch()):
+        typer.echo(line.decode())
+
+
+@app.command()
+def stream(
+    available_now: Annotated[
+        bool,
+        typer.Option("--available-now", help="Drain what the topic holds now into the lake, then exit."),
+    ] = False,
+) -> None:
+    """Stream the transactions topic into the Delta lake (Spark Structured Streaming), until stopped."""
+    import threading
+
+    from btc_anomaly.processing.stream import run_stream
+
+    _logging()
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("btc_anomaly.stream").info("signal %d: stopping the queries", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run_stream(get_settings(), available_now=available_now, stop=stop)
+
+
+# --- model lifecycle ------------------------------------------------------------------------------------
+
+
+@app.command()
+def mlflow(
+    workers: Annotated[int, typer.Option(help="Server worker processes.")] = 1,
+    allowed_hosts: Annotated[
+        str | None, typer.Option(help="Extra allowed Host headers (containers), comma-separated.")
+    ] = None,
+) -> None:
+    """Run the MLflow tracking + registry server (sqlite + local artifacts), in the foreground."""
+    import time
+
+    from btc_anomaly.runtime.mlflow_server import MlflowServer
+
+    _logging()
+    s = get_settings()
+    server = MlflowServer(
+        data_dir=s.mlflow_dir or s.state_dir / "mlflow",
+        host=s.mlflow_host,
+        port=s.mlflow_port,
+        workers=workers,
+        allowed_hosts=allowed_hosts,
+    )
+
+    def _exit(signum: int, _frame: object) -> None:
+        # Only unwind here; stopping inside the handler would re-enter Popen.wait() of the main thread.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    try:
+        server.start(timeout_s=180)
+        logging.getLogger("btc_anomaly.mlflow").info(
+            "mlflow server ready on %s (state in %s, log %s)", server.url, server.data_dir, server.log_path
+        )
+        while server.running:
+            time.sleep(1.0)
+        raise SystemExit(f"mlflow server exited; see {server.log_path}")
+    finally:
+        server.stop()
+
+
+def _parse_time(value: str | None) -> object:
+    import datetime as dt
+
+    return None if value is None else dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@app.command()
+def train(
+    since: Annotated[str | None, typer.Option(help="Window start (ISO 8601, UTC if no offset).")] = None,
+    until: Annotated[str | None, typer.Option(help="Window end, exclusive (ISO 8601).")] = None,
+    window: Annotated[
+        str | None, typer.Option(help="Window length, e.g. 24h (default: BTC_ANOMALY_MODEL_TRAIN_WINDOW).")
+    ] = None,
+    every: Annotated[
+        str | None, typer.Option(help="Retrain on a schedule, e.g. 30m; runs until stopped.")
+    ] = None,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Register only; skip the gate.")] = False,
+    by: Annotated[str | None, typer.Option(help="Who is training (recorded); default user@host.")] = None,
+) -> None:
+    """Train on the transactions Delta table, log to MLflow, register a challenger, run the promotion gate."""
+    from btc_anomaly.model.train import run_every
+    from btc_anomaly.model.train import train as run_train
+
+    _logging()
+    s = get_settings()
+
+    def once() -> object:
+        result = run_train(
+            s,
+            since=_parse_time(since),  # type: ignore[arg-type]
+            until=_parse_time(until),  # type: ignore[arg-type]
+            window=window,
+            promote=not no_promote,
+            decided_by=by,
+        )
+        typer.echo(
+            json.dumps(
+                {
+                    "model": s.model_name,
+                    "version": result.version,
+                    "run_id": result.run_id,
+                    "rows": int(result.metrics["rows"]),
+                    "anomaly_rate": round(result.metrics["anomaly_rate"], 5),
+                    "seconds": round(result.timings["total_seconds"], 2),
+                    "gate": result.decision.summary if result.decision is not None else None,
+                }
+            )
+        )
+        return result
+
+    if every is None:
+        once()
+        return
+    import threading
+
+    from btc_anomaly.monitoring import trainer as trainer_metrics
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    trainer_metrics.serve(s)
+    run_every(every, trainer_metrics.scheduled(s, once), stop=stop)
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Argument(help="Version to gate (default: the challenger).")] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if checks fail (recorded as forced).")] = False,
+    by: Annotated[str | None, typer.Option(help="Who decides (recorded); default user@host.")] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Print every recorded decision instead.")
+    ] = False,
+) -> None:
+    """Run the promotion gate: challenger -> champion only if every check passes. Exit 1 when refused."""
+    from btc_anomaly.model.promotion import promote as run_gate
+    from btc_anomaly.model.promotion import promotion_history
+
+    _logging("WARNING")
+    s = get_settings()
+    if history:
+        for event in promotion_history(s):
+            typer.echo(json.dumps(event))
+        return
+    decision = run_gate(s, version, decided_by=by, force=force)
+    for check in decision.checks:
+        typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name:<20} {check.detail}")
+    typer.echo(decision.summary)
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+# --- serving --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (default: BTC_ANOMALY_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: BTC_ANOMALY_API_PORT, 5001).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn worker processes (default: BTC_ANOMALY_API_WORKERS).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn and service log level.")] = "info",
+) -> None:
+    """Serve the prediction API (FastAPI + uvicorn): /predict, /predict/raw, /anomalies, /metrics, ..."""
+    # Import nothing that imports prometheus_client before serve() has set PROMETHEUS_MULTIPROC_DIR.
+    from btc_anomaly.api.server import serve
+
+    serve(get_settings(), host=host, port=port, workers=workers, log_level=log_level)
+
+
+@app.command()
+def dashboard(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default: BTC_ANOMALY_DASHBOARD_HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: BTC_ANOMALY_DASHBOARD_PORT, 8050).")
+    ] = None,
+    demo: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a demo lake here first (the bundled sample scored by a model fitted in-process, "
+            "first_seen spread over the last hour) and show it; needs the model extra.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the Dash dashboard: live KPIs, charts and top anomalies from the lake; model page from MLflow."""
+    import os
+
+    _logging()
+    overrides: dict[str, object] = {}
+    if host is not None:
+        overrides["dashboard_host"] = host
+    if port is not None:
+        overrides["dashboard_port"] = port
+    if demo is not None:
+        overrides["lake_root"] = demo
+    s = get_settings().model_copy(update=overrides)
+    # This process only reads the registry for display: fail fast rather than retry for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, s.dashboard_mlflow_timeout_s))))
+    if demo is not None:
+        import multiprocessing
+
+        from btc_anomaly.dashboard.demo import write_demo_lake
+
+        # Written in a spawned child: delta-rs panics in gunicorn's forked worker if this process has
+        # already used it.
+        writer = multiprocessing.get_context("spawn").Process(target=write_demo_lake, args=(demo, s))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise typer.Exit(f"writing the demo lake failed (exit {writer.exitcode})")
+        logging.getLogger("btc_anomaly.dashboard").info("demo lake written at %s", demo)
+    from btc_anomaly.dashboard.app import serve
+
+    serve(s)
+
+
+# --- monitoring -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def metrics(
+    markdown: Annotated[
+        bool, typer.Option(help="Print the README table (name, type, labels, help).")
+    ] = False,
+) -> None:
+    """List every Prometheus metric of every service (from monitoring/metrics.py)."""
+    from btc_anomaly.monitoring.catalogue import catalogue_markdown, catalogue_text
+
+    typer.echo(catalogue_markdown() if markdown else catalogue_text())
+
+
+@app.command()
+def prometheus(
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the rendered prometheus.yml and exit.")
+    ] = False,
+    compose: Annotated[
+        bool, typer.Option(help="With --print-config: the compose variant (service names as hosts).")
+    ] = False,
+) -> None:
+    """Run Prometheus (Debian binary) on the local stack's targets and alert rules, in the foreground."""
+    import time
+
+    from btc_anomaly.monitoring import prometheus_config as pc
+    from btc_anomaly.runtime.prometheus_server import PrometheusServer
+
+    s = get_settings()
+    if print_config:
+        typer.echo(pc.compose_config(s) if compose else pc.local_config(s), nl=False)
+        return
+    _logging()
+    folder = s.prometheus_dir or s.state_dir / "prometheus"
+    server = PrometheusServer(
+        config_file=pc.write_runtime_config(s, folder),
+        data_dir=folder,
+        host=s.prometheus_host,
+        port=s.prometheus_port,
+        binary=s.prometheus_binary,
+        retention=s.prometheus_retention,
+    )
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    try:
+        server.start(timeout_s=60)
+        logging.getLogger("btc_anomaly.prometheus").info(
+            "prometheus ready on %s (config %s, log %s)", server.url, server.config_file, server.log_path
+        )
+        while server.running:
+            time.sleep(1.0)
+        raise SystemExit(f"prometheus exited; see {server.log_path}")
+    finally:
+        server.stop()
+
+
+@app.command("alert-relay")
+def alert_relay(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="Port (default: BTC_ANOMALY_ALERT_RELAY_PORT, 9096).")
+    ] = None,
+) -> None:
+    """Relay Alertmanager webhooks to the Slack-compatible BTC_ANOMALY_NOTIFY_WEBHOOK_URL (rate limited)."""
+    from btc_anomaly.monitoring.alert_relay import make_server
+    from btc_anomaly.monitoring.notifier import from_settings
+
+    _logging()
+    s = get_settings()
+    notifier = from_settings(s)
+    if not notifier.enabled:
+        typer.echo("BTC_ANOMALY_NOTIFY_WEBHOOK_URL is not set: nothing to relay to", err=True)
+        raise typer.Exit(2)
+    server = make_server(notifier, host, s.alert_relay_port if port is None else port)
+
+    def _exit(signum: int, _frame: object) -> None:
+        # Unwind serve_forever() in this thread; server.shutdown() here would wait for itself.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+    logging.getLogger("btc_anomaly.alert_relay").info(
+        "relaying Alertmanager webhooks on http://%s:%d/", host, server.server_address[1]
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        notifier.flush(5.0)
+        notifier.close()
 
 
 if __name__ == "__main__":

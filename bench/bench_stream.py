@@ -1,0 +1,340 @@
+"""Stream throughput and latency: Kafka → Spark Structured Streaming → Delta, against a plain Delta append.
+
+A single-node broker is started on free ports in a temporary folder and the stream runs in this process
+(local[2], the same SparkSession for every case). Rows:
+
+* ``backfill: dedup + MERGE`` — ``messages`` records (the bundled sample looped with fresh hashes, as
+  the producer's replay makes them) pre-published to a 3-partition topic, then drained by the
+  transactions query exactly as ``btc-anomaly stream`` runs it (parse + validate, in-batch dedup, the
+  update check, insert-only MERGE by hash, quarantine), trigger availableNow, ``max_offsets`` per batch.
+* ``backfill: plain append`` — the same records, same parse and validation, written with Spark's own
+  Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
+* ``backfill: window aggregates`` — the tx_stats query draining the MERGEd table's change feed.
+* ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
+  transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds``, and a delta-rs reader
+  polling the table every 50 ms: latency = first time a hash is readable in Delta minus its send time.
+
+Both backfill cases run once untimed on a small topic first, so neither pays the JVM warm-up.
+
+    python -m bench.bench_stream [--messages N] [--max-offsets N] [--rate R] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from btc_anomaly.config import PROJECT_ROOT, Settings
+from btc_anomaly.ingestion.replay_source import ReplaySource, loop_hash, read_lines
+from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
+from btc_anomaly.schema import Transaction
+
+PARTITIONS = 3
+SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
+log = logging.getLogger("bench.stream")
+
+
+def _producer(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        compression_type="lz4",
+        linger_ms=5,
+        batch_size=1 << 20,
+        max_request_size=4 << 20,
+    )
+
+
+def _topic(bootstrap: str, name: str) -> str:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])
+    finally:
+        admin.close()
+    return name
+
+
+def _publish_looped(bootstrap: str, topic: str, n: int) -> float:
+    source = ReplaySource([SAMPLE], loop=True, num_partitions=PARTITIONS)
+    p = _producer(bootstrap)
+    started = time.perf_counter()
+    for item in itertools.islice(source, n):
+        p.send(topic, key=item.hash.encode(), value=item.value, partition=item.partition)  # type: ignore[union-attr]
+    p.flush()
+    p.close()
+    return time.perf_counter() - started
+
+
+def _settings(base: Settings, topic: str, name: str, **changes: Any) -> Settings:
+    return base.model_copy(update={"topic": topic, "lake_root": base.state_dir / name, **changes})
+
+
+def _merge_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, float], int]:
+    from btc_anomaly.processing.stream import StreamRunner
+
+    phases: dict[str, float] = {}
+    batches = 0
+
+    def on_batch(_batch_id: int, result: Any) -> None:
+        nonlocal batches
+        batches += 1
+        for k, v in result.seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
+
+    runner = StreamRunner(settings, spark, on_batch=on_batch)
+    started = time.perf_counter()
+    runner.run_available_now(stats=False)
+    return time.perf_counter() - started, phases, batches
+
+
+def _append_backfill(spark: Any, settings: Settings) -> float:
+    """The baseline: same source and parse, Spark's Delta sink appending (no dedup, no MERGE)."""
+    from pyspark.sql import functions as F
+
+    from btc_anomaly.processing.parse import is_valid, parse, transaction_columns
+    from btc_anomaly.processing.sinks import TRANSACTIONS, Lake, ensure_tables
+    from btc_anomaly.processing.stream import kafka_source
+
+    lake = Lake.from_settings(settings)
+    ensure_tables(spark, lake)
+    started = time.perf_counter()
+    query = (
+        parse(kafka_source(spark, settings))
+        .where(is_valid())
+        .select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
+        .writeStream.format("delta")
+        .option("checkpointLocation", lake.checkpoint("append"))
+        .trigger(availableNow=True)
+        .start(lake.table(TRANSACTIONS))
+    )
+    query.awaitTermination()
+    return time.perf_counter() - started
+
+
+def _stats_backfill(spark: Any, settings: Settings) -> float:
+    from btc_anomaly.processing.sinks import Lake
+    from btc_anomaly.processing.stream import start_stats_query
+
+    started = time.perf_counter()
+    start_stats_query(spark, settings, Lake.from_settings(settings), available_now=True).awaitTermination()
+    return time.perf_counter() - started
+
+
+def _count(path: Path) -> int:
+    from btc_anomaly.processing.delta_reader import count_rows
+
+    return count_rows(path)
+
+
+# --- latency -----------------------------------------------------------------------------------------
+
+
+class _Visibility(threading.Thread):
+    """Polls the Delta table's log (delta-rs) and notes when each hash first becomes readable."""
+
+    def __init__(self, path: Path, interval_s: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.path, self.interval_s = path, interval_s
+        self.seen: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from deltalake import DeltaTable
+
+        files: set[str] = set()
+        version = -1
+        while not self.stop.is_set():
+            try:
+                table = DeltaTable(str(self.path))
+                if table.version() != version:
+                    now = time.time()
+                    version = table.version()
+                    current = set(table.file_uris())
+                    for uri in current - files:
+                        for h in pq.read_table(uri.removeprefix("file://"), columns=["hash"])[
+                            "hash"
+                        ].to_pylist():
+                            self.seen.setdefault(h, now)
+                    files = current
+            except Exception:  # the table may be mid-creation; poll again
+                log.debug("visibility poll failed", exc_info=True)
+            self.stop.wait(self.interval_s)
+
+
+def _latency(spark: Any, settings: Settings, rate: float, seconds: float) -> dict[str, float]:
+    from btc_anomaly.processing.stream import StreamRunner
+
+    runner = StreamRunner(settings, spark)
+    stream = threading.Thread(target=runner.run_forever, daemon=True)
+    stream.start()
+    watcher = _Visibility(settings.lake_table("transactions"))
+    watcher.start()
+    time.sleep(20)  # both queries started and past their first (empty) batches
+    templates = [Transaction.from_json(line) for line in read_lines([SAMPLE])]
+    sent: dict[str, float] = {}
+    p = _producer(settings.kafka_bootstrap)
+    interval = 1.0 / rate
+    started = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        tx = templates[i % len(templates)]
+        h = loop_hash(tx.hash, 10_000 + i // len(templates))
+        value = tx.model_copy(
+            update={"hash": h, "block_height": None, "first_seen": dt.datetime.now(dt.UTC), "source": "ws"}
+        ).to_json_bytes()
+        sent[h] = time.time()
+        p.send(settings.topic, key=h.encode(), value=value)
+    p.flush()
+    p.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not set(sent) <= set(watcher.seen):
+        time.sleep(0.2)
+    watcher.stop.set()
+    runner.stop_event.set()
+    stream.join(timeout=120)
+    latencies = np.array([watcher.seen[h] - t for h, t in sent.items() if h in watcher.seen])
+    return {
+        "sent": len(sent),
+        "visible": len(latencies),
+        "p50_s": float(np.percentile(latencies, 50)),
+        "p95_s": float(np.percentile(latencies, 95)),
+        "max_s": float(latencies.max()),
+    }
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument(
+        "--max-offsets", type=int, default=200_000, help="maxOffsetsPerTrigger of the backfill"
+    )
+    parser.add_argument("--rate", type=float, default=20.0, help="latency case: tx/s sent")
+    parser.add_argument("--seconds", type=float, default=60.0, help="latency case: how long to send")
+    args = parser.parse_args(argv or [])
+    logging.basicConfig(level=logging.WARNING)
+
+    from btc_anomaly.processing.spark_session import build_session
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    broker = KafkaBroker(
+        data_dir=workdir / "kafka",
+        jars_root=PROJECT_ROOT / ".jars",
+        port=free_port(),
+        controller_port=free_port(),
+        heap="512m",
+    )
+    broker.start(timeout_s=120)
+    rows: list[dict[str, Any]] = []
+    try:
+        base = Settings(
+            state_dir=workdir / "state",
+            kafka_bootstrap=broker.bootstrap,
+            spark_master="local[2]",
+            spark_shuffle_partitions=4,
+            stream_max_offsets_per_trigger=args.max_offsets,
+            stream_metrics_port=0,
+        )
+        suffix = uuid.uuid4().hex[:6]
+        warm = _topic(broker.bootstrap, f"bench.warm.{suffix}")
+        _publish_looped(broker.bootstrap, warm, 20_000)
+        big = _topic(broker.bootstrap, f"bench.backfill.{suffix}")
+        publish_s = _publish_looped(broker.bootstrap, big, args.messages)
+        spark = build_session(base, app_name="bench-stream")
+        _merge_backfill(spark, _settings(base, warm, "warm-merge"))
+        _append_backfill(spark, _settings(base, warm, "warm-append"))
+        load = os.getloadavg()[0]
+
+        merge_settings = _settings(base, big, "merge")
+        merge_s, phases, batches = _merge_backfill(spark, merge_settings)
+        stored = _count(merge_settings.lake_table("transactions"))
+        rows.append(
+            {
+                "case": "backfill: dedup + MERGE (ours)",
+                "messages": args.messages,
+                "rows stored": stored,
+                "batches": batches,
+                "seconds": merge_s,
+                "tx/s": args.messages / merge_s,
+                "notes": ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
+            }
+        )
+        append_settings = _settings(base, big, "append")
+        append_s = _append_backfill(spark, append_settings)
+        rows.append(
+            {
+                "case": "backfill: plain Delta append (baseline)",
+                "messages": args.messages,
+                "rows stored": _count(append_settings.lake_table("transactions")),
+                "seconds": append_s,
+                "tx/s": args.messages / append_s,
+                "notes": "Spark's Delta streaming sink, no dedup / MERGE",
+            }
+        )
+        stats_s = _stats_backfill(spark, merge_settings)
+        rows.append(
+            {
+                "case": "backfill: window aggregates (1m + 5m)",
+                "messages": stored,
+                "seconds": stats_s,
+                "tx/s": stored / stats_s,
+                "notes": "change feed of transactions → tx_stats_1m / tx_stats_5m",
+            }
+        )
+        latency_settings = _settings(
+            base,
+            _topic(broker.bootstrap, f"bench.latency.{suffix}"),
+            "latency",
+            stream_trigger_s=1.0,
+            stream_max_offsets_per_trigger=200_000,
+        )
+        lat = _latency(spark, latency_settings, args.rate, args.seconds)
+        rows.append(
+            {
+                "case": f"latency: publish → Delta, 1 s trigger, {args.rate:g} tx/s for {args.seconds:g} s",
+                "messages": lat["sent"],
+                "rows stored": lat["visible"],
+                "p50 s": lat["p50_s"],
+                "p95 s": lat["p95_s"],
+                "max s": lat["max_s"],
+                "notes": "both queries running; delta-rs poll every 50 ms",
+            }
+        )
+        for row in rows:
+            row["load avg"] = load
+        log.warning("published %d messages in %.1f s", args.messages, publish_s)
+        spark.stop()
+    finally:
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    from bench.run_all import format_table
+
+    print(format_table(main(sys.argv[1:])))

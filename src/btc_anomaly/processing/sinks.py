@@ -1,0 +1,384 @@
+"""The Delta tables of the lake and the per-micro-batch writes of the transactions query.
+
+``transactions`` (partitioned by ``date`` = UTC date of ``first_seen``, a generated column so any Spark
+filter on ``first_seen`` prunes partitions too; change data feed on, read by the aggregates query):
+
+* each micro-batch is deduplicated by hash (earliest copy wins; ``block_height`` = any confirmed copy's),
+* then MERGEd by hash: a new hash is inserted; a stored unconfirmed tx whose copy is confirmed gets
+  its ``block_height``; nothing else is ever updated, so a later unconfirmed copy cannot null it out.
+
+``quarantine``: every record that is not a valid canonical transaction, with the raw Kafka bytes, the
+reasons, and topic/partition/offset/timestamp, appended.
+
+Exactly once. Spark's Kafka source records the offsets of batch N before running it and marks it
+committed after, so after a crash the same batch N (same offsets, same data) runs again. Both writes
+are idempotent on such a replay, twice over:
+
+1. every commit carries Delta's transaction identifier (``txnAppId`` = the streaming query's id, which
+   lives in the checkpoint; ``txnVersion`` = batch id), and Delta skips a write whose version it has
+   already committed for that app id — so a replayed batch commits nothing;
+2. independently, the MERGE itself is harmless to re-run (matched rows only ever fill a null
+   ``block_height`` with the same value), so even a lost transaction identifier cannot duplicate a row.
+
+Throughput. The MERGE is run as two Delta operations when that is cheaper (see ``merge_batch``):
+Delta turns a MERGE with only ``whenNotMatchedInsertAll`` into a left-anti join plus a plain append
+(no file rewrite); only confirmed copies of possibly stored rows need the update path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from btc_anomaly.config import Settings
+from btc_anomaly.processing import tables
+from btc_anomaly.processing.parse import ERRORS, is_valid, parse, transaction_columns
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+TRANSACTIONS = tables.TRANSACTIONS
+QUARANTINE = tables.QUARANTINE
+STATS_1M = tables.STATS_1M
+STATS_5M = tables.STATS_5M
+
+_TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+_TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+# Delta copies a MERGE source it cannot prove deterministic; ours is a locally checkpointed batch.
+_MATERIALIZE_SOURCE = "spark.databricks.delta.merge.materializeSource"
+
+
+@dataclass(frozen=True)
+class Lake:
+    """Paths of the lake's tables and of the streaming checkpoints, derived from Settings."""
+
+    root: Path
+    checkpoints: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Lake:
+        return cls(settings.lake_dir, settings.checkpoint_path)
+
+    def table(self, name: str) -> str:
+        return str(self.root / name)
+
+    def checkpoint(self, query: str) -> str:
+        return str(self.checkpoints / query)
+
+
+# --- table definitions -------------------------------------------------------------------------------
+
+
+def _nested_nullable(data_type: Any) -> Any:
+    from pyspark.sql import types as T
+
+    if isinstance(data_type, T.ArrayType):
+        return T.ArrayType(_nested_nullable(data_type.elementType), True)
+    if isinstance(data_type, T.StructType):
+        return T.StructType(
+            [T.StructField(f.name, _nested_nullable(f.dataType), True) for f in data_type.fields]
+        )
+    return data_type
+
+
+def spark_type(schema: pa.Schema) -> Any:
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
+
+
+def ensure_tables(spark: SparkSession, lake: Lake) -> None:
+    """Create the lake's tables when missing (idempotent; the streams start only on existing tables)."""
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.createIfNotExists(spark).location(lake.table(TRANSACTIONS))
+    for f in spark_type(tables.transactions_schema()).fields:
+        if f.name == tables.DATE_COLUMN:
+            # Generated: Spark readers filtering on first_seen get date-partition pruning for free.
+            source = tables.PARTITION_SOURCE[f.name]
+            builder = builder.addColumn(f.name, f.dataType, generatedAlwaysAs=f"CAST({source} AS DATE)")
+        else:
+            # Delta enforces top-level NOT NULL but rejects it inside arrays; parse.py checks those.
+            builder = builder.addColumn(f.name, _nested_nullable(f.dataType), nullable=f.nullable)
+    (
+        builder.partitionedBy(*tables.PARTITION_COLUMNS[TRANSACTIONS])
+        .property("delta.enableChangeDataFeed", "true")
+        # A 1 s trigger adds a small file per batch; Delta compacts a partition's small files once
+        # there are enough of them, right after a commit.
+        .property("delta.autoOptimize.autoCompact", "true")
+        .execute()
+    )
+    for name in (QUARANTINE, STATS_1M, STATS_5M):
+        builder = DeltaTable.createIfNotExists(spark).location(lake.table(name))
+        for f in spark_type(tables.SCHEMAS[name]()).fields:
+            builder = builder.addColumn(f.name, _nested_nullable(f.dataType), nullable=f.nullable)
+        builder.execute()
+
+
+# --- idempotent writes ---------------------------------------------------------------------------------
+
+
+def streaming_query_id(spark: SparkSession) -> str:
+    """Id of the streaming query running the current foreachBatch call (persisted in its checkpoint)."""
+    qid = spark.sparkContext.getLocalProperty("sql.streaming.queryId")
+    if not qid:
+        raise RuntimeError("not inside a streaming foreachBatch: no sql.streaming.queryId")
+    return qid
+
+
+class _TxnConf:
+    """Delta's idempotent-DML identifiers on the stream's own (cloned) session, for one operation."""
+
+    def __init__(self, spark: SparkSession, app_id: str, version: int) -> None:
+        self.spark, self.app_id, self.version = spark, app_id, version
+
+    def __enter__(self) -> None:
+        self.spark.conf.set(_TXN_APP_ID, self.app_id)
+        self.spark.conf.set(_TXN_VERSION, str(self.version))
+
+    def __exit__(self, *exc: object) -> None:
+        self.spark.conf.unset(_TXN_APP_ID)
+        self.spark.conf.unset(_TXN_VERSION)
+
+
+def dedup_winners(valid: DataFrame) -> DataFrame:
+    """For each hash of ``valid`` (parsed rows), the Kafka position of the copy to keep and its block height.
+
+    The copy kept is the earliest (first_seen, then Kafka position); ``block_height`` is the largest of
+    any copy, so a confirmed copy wins over an unconfirmed one whatever the order. Only narrow columns
+    are shuffled (about 100 bytes a row instead of the whole transaction).
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    w = Window.partitionBy("hash").orderBy("first_seen", "partition", "offset")
+    whole = w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    return (
+        valid.select(
+            "partition",
+            "offset",
+            F.max("block_height").over(whole).alias("best_block_height"),
+            F.row_number().over(w).alias("_rn"),
+        )
+        .where("_rn = 1")
+        .drop("_rn")
+    )
+
+
+def dedup_batch(valid: DataFrame, winners: DataFrame) -> DataFrame:
+    """``valid`` reduced to the ``winners`` rows (a broadcast join: the wide rows are not shuffled)."""
+    from pyspark.sql import functions as F
+
+    return (
+        valid.join(F.broadcast(winners), ["partition", "offset"])
+        .drop("block_height")
+        .withColumnRenamed("best_block_height", "block_height")
+    )
+
+
+@dataclass
+class BatchResult:
+    inserted: int = 0
+    updated: int = 0
+    quarantined: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def _merge(spark: SparkSession, build: Any, path: str, app_id: str, batch_id: int) -> dict[str, int]:
+    """Run one MERGE under the batch's transaction identifier; its row counts (0 if already committed)."""
+    from delta.tables import DeltaTable
+
+    table = DeltaTable.forPath(spark, path)
+    with _TxnConf(spark, app_id, batch_id):
+        spark.conf.set(_MATERIALIZE_SOURCE, "none")
+        try:
+            # Delta returns num_affected/updated/deleted/inserted_rows; nothing when it skipped the
+            # write because this (app id, batch id) was committed by an earlier run of the batch.
+            row = build(table.alias("t")).execute().first()
+        finally:
+            spark.conf.unset(_MATERIALIZE_SOURCE)
+    return {k: int(v or 0) for k, v in row.asDict().items()} if row is not None else {}
+
+
+def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame) -> bool:
+    """Is any confirmed hash of the batch stored without a block height?
+
+    When not, the update MERGE (a second Delta transaction, with its fixed cost) is skipped. Delta's
+    statistics skip every file whose block_height null count is 0, so this reads only files holding
+    unconfirmed rows; the batch's hashes are broadcast, the table is not shuffled.
+    """
+    from pyspark.sql import functions as F
+
+    unconfirmed = spark.read.format("delta").load(path).where("block_height IS NULL").select("hash")
+    if unconfirmed.isEmpty():
+        return False
+    return not unconfirmed.join(F.broadcast(confirmed.select("hash")), "hash", "left_semi").isEmpty()
+
+
+def merge_transactions(
+    source: DataFrame,
+    path: str,
+    app_id: str,
+    batch_id: int,
+    result: BatchResult | None = None,
+    any_confirmed: bool = True,
+) -> BatchResult:
+    """MERGE deduplicated rows into ``transactions`` by hash; returns (inserted, updated) rows.
+
+    Two Delta operations instead of one MERGE with both clauses, because Delta rewrites every file
+    holding a matched target row — also when the update condition is false for it, as for each
+    re-sent copy of a stored tx. So:
+
+    1. confirmed copies update ``block_height`` of stored rows that have none; the ON clause carries
+       ``t.block_height IS NULL``, which Delta also uses to skip (by null-count statistics) every file
+       without unconfirmed rows, so only files that really change are scanned and rewritten;
+    2. an insert-only MERGE (``whenNotMatchedInsert``), which Delta runs as a left-anti join plus an
+       append: no file is rewritten, whatever the number of duplicates.
+
+    Updates go first so a row inserted by (2) is never matched by (1) of the same batch (it already
+    carries the batch's best block height). Each has its own transaction identifier, so a crash
+    between the two replays only the missing one.
+    """
+    spark = source.sparkSession
+    result = result if result is not None else BatchResult()
+    confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
+    with result.phase("update_check"):
+        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed)
+    if to_update:
+        with result.phase("update_merge"):
+            m = _merge(
+                spark,
+                lambda t: t.merge(
+                    confirmed.alias("s"), "t.hash = s.hash AND t.block_height IS NULL"
+                ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
+                path,
+                f"{app_id}:update",
+                batch_id,
+            )
+        result.updated = m.get("num_updated_rows", 0)
+    columns = [*transaction_columns(), "ingested_at"]
+    with result.phase("insert_merge"):
+        m = _merge(
+            spark,
+            lambda t: t.merge(source.alias("s"), "t.hash = s.hash").whenNotMatchedInsert(
+                values={c: f"s.{c}" for c in columns}
+            ),
+            path,
+            f"{app_id}:insert",
+            batch_id,
+        )
+    result.inserted = m.get("num_inserted_rows", 0)
+    return result
+
+
+def quarantine_frame(parsed: DataFrame) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    return parsed.where(~is_valid()).select(
+        "key",
+        "value",
+        F.array_join(ERRORS, "; ").alias("error"),
+        ERRORS,
+        "topic",
+        "partition",
+        "offset",
+        F.col("timestamp").alias("kafka_timestamp"),
+        F.current_timestamp().alias("quarantined_at"),
+    )
+
+
+def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> BatchResult:
+    """Write one micro-batch of Kafka records: dedup + MERGE into transactions, invalid ones to quarantine.
+
+    Passes over the batch, each reading the raw records kept in memory (not Kafka again):
+
+    1. parse + validate, count invalid and confirmed rows, pick the copy to keep per hash (a shuffle of
+       narrow columns only) → the small ``winners`` table;
+    2. parse + validate again, keep the winners (broadcast join), MERGE: the insert-only MERGE reads its
+       source once and Delta writes it straight away;
+    3. only when there are any: the confirmed rows for the update MERGE, the invalid ones for quarantine.
+
+    Parsing twice is cheaper than keeping the parsed batch: materializing 200k nested rows costs more
+    than parsing them (measured, see bench/RESULTS.md); the raw bytes are one flat column.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    result = BatchResult()
+    with result.phase("stage"):
+        raw = batch.select("key", "value", "topic", "partition", "offset", "timestamp").localCheckpoint(
+            eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK
+        )
+    try:
+        counts = Observation(f"batch-{batch_id}")
+        with result.phase("dedup"):
+            valid_flag = is_valid()
+            winners = (
+                dedup_winners(
+                    parse(raw)
+                    .observe(
+                        counts,
+                        F.count(F.when(~valid_flag, True)).alias("invalid"),
+                        F.count(F.when(valid_flag & F.col("block_height").isNotNull(), True)).alias(
+                            "confirmed"
+                        ),
+                    )
+                    .where(valid_flag)
+                )
+            ).localCheckpoint(eager=True)
+            observed = counts.get
+        try:
+            result.quarantined = int(observed["invalid"])
+            parsed = parse(raw)
+            source = dedup_batch(parsed.where(is_valid()), winners).select(
+                *transaction_columns(), F.current_timestamp().alias("ingested_at")
+            )
+            merge_transactions(
+                source,
+                lake.table(TRANSACTIONS),
+                f"{app_id}:{TRANSACTIONS}",
+                batch_id,
+                result,
+                any_confirmed=int(observed["confirmed"]) > 0,
+            )
+            if result.quarantined:
+                with result.phase("quarantine"):
+                    (
+                        quarantine_frame(parsed)
+                        .write.format("delta")
+                        .mode("append")
+                        .option("txnAppId", f"{app_id}:{QUARANTINE}")
+                        .option("txnVersion", batch_id)
+                        .save(lake.table(QUARANTINE))
+                    )
+        finally:
+            release(winners)
+    finally:
+        release(raw)
+    return result
+
+
+def release(checkpointed: DataFrame) -> None:
+    """Free the blocks of a local checkpoint now instead of at the next JVM garbage collection."""
+    try:
+        checkpointed._jdf.queryExecution().analyzed().rdd().unpersist(False)
+    except Exception:  # not a LogicalRDD (e.g. Spark Connect): the context cleaner frees it later
+        log.debug("could not release a local checkpoint", exc_info=True)

@@ -1,0 +1,101 @@
+"""The one SparkSession of the streaming job: Kafka source + Delta Lake from the Maven-resolved jars.
+
+No ``--packages`` and no network at run time: ``.jars/spark`` (``make jars``) holds the Kafka source,
+Delta and their dependencies. Jars whose artifact PySpark already ships (jackson, hadoop, scala,
+parquet, ...) are skipped, so exactly one copy of each library is on the classpath — two jacksons or two
+scala-libraries fail in ways that only show up deep in a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from btc_anomaly.config import Settings
+from btc_anomaly.runtime.jars import artifact_name, jar_dir
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def pyspark_jars_dir() -> Path:
+    import pyspark
+
+    return Path(pyspark.__file__).parent / "jars"
+
+
+def extra_jars(jars_root: Path) -> list[Path]:
+    """The jars of ``jars_root/spark`` whose artifact is not already in PySpark's own jars folder."""
+    shipped = {artifact_name(j) for j in pyspark_jars_dir().glob("*.jar")}
+    return sorted(j for j in jar_dir(jars_root, "spark").glob("*.jar") if artifact_name(j) not in shipped)
+
+
+def session_conf(settings: Settings) -> dict[str, str]:
+    """Spark configuration of the stream; a function of Settings only, so tests and the CLI agree."""
+    jars = extra_jars(settings.jars_dir)
+    parts = str(settings.spark_shuffle_partitions)
+    return {
+        "spark.jars": ",".join(str(j) for j in jars),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+        "spark.driver.memory": settings.spark_driver_memory,
+        # Date partitions and window boundaries must not depend on the host's time zone.
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": parts,
+        # Delta rebuilds its file list after each commit with a shuffle into this many partitions
+        # (default 50); the list is small (compacted files), one task is the quickest.
+        "spark.databricks.delta.snapshotPartitions": "1",
+        # The stream writes one commit per micro-batch; a checkpoint every 10 commits (default) keeps
+        # snapshot reconstruction cheap for delta-rs readers too.
+        "spark.databricks.delta.checkpointInterval": "10",
+        "spark.sql.adaptive.enabled": "true",
+        "spark.sql.adaptive.coalescePartitions.enabled": "true",
+        "spark.ui.enabled": "true" if settings.spark_ui else "false",
+        "spark.ui.showConsoleProgress": "false",
+        # Streaming state (window aggregates) in RocksDB: bounded JVM heap whatever the backlog.
+        "spark.sql.streaming.stateStore.providerClass": (
+            "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
+        ),
+        "spark.sql.streaming.stateStore.rocksdb.changelogCheckpointing.enabled": "true",
+        "spark.sql.streaming.noDataMicroBatches.enabled": "true",
+    }
+
+
+def build_session(settings: Settings, app_name: str = "btc-anomaly-stream") -> SparkSession:
+    """Get (or create) the process' SparkSession configured for Kafka + Delta from ``settings``.
+
+    Only the first call in a process configures the JVM (master, memory, jars); later calls return the
+    same session, which is what the test suite relies on for its one session per run.
+    """
+    from pyspark.sql import SparkSession
+
+    # PySpark forks the JVM with this interpreter's environment; make sure workers use this venv too.
+    os.environ.setdefault("PYSPARK_PYTHON", _python())
+    builder = SparkSession.builder.master(settings.spark_master).appName(app_name)
+    for key, value in session_conf(settings).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(settings.spark_log_level)
+    _quiet(
+        spark, "org.apache.spark.rdd.MapPartitionsRDD"
+    )  # "locally checkpointed ... unpersisting": intended
+    log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
+    return spark
+
+
+def _quiet(spark: SparkSession, logger: str) -> None:
+    jvm = spark.sparkContext._jvm
+    if jvm is None:
+        return
+    level = jvm.org.apache.logging.log4j.Level.ERROR
+    jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(logger, level)
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable

@@ -1,0 +1,220 @@
+"""`btc-anomaly stream`: Kafka → Spark Structured Streaming → Delta Lake.
+
+Two streaming queries share one SparkSession:
+
+* ``transactions`` — Spark's Kafka source on ``Settings.topic``; each micro-batch is parsed and validated
+  in Spark SQL (parse.py), valid rows are deduplicated and MERGEd into ``transactions``, the others
+  appended to ``quarantine`` (sinks.py; the exactly-once argument is there);
+* ``tx_stats`` — the change data feed of ``transactions`` aggregated into 1 and 5 minute event-time
+  windows with a watermark, upserted into ``tx_stats_1m`` / ``tx_stats_5m`` (aggregates.py).
+
+Each query has its own checkpoint under ``Settings.checkpoint_path``; a restart (after a crash, a kill
+-9 or a deploy) resumes both exactly where they stopped. A query that fails (e.g. the broker is gone
+longer than the Kafka client retries) is restarted from its checkpoint with backoff, so the process
+keeps going through broker restarts; a supervisor only has to restart it when the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from btc_anomaly.config import Settings
+from btc_anomaly.monitoring.metrics import STREAM_QUARANTINED
+from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, windowed
+from btc_anomaly.processing.sinks import (
+    TRANSACTIONS,
+    BatchResult,
+    Lake,
+    ensure_tables,
+    streaming_query_id,
+    write_batch,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+log = logging.getLogger(__name__)
+
+TX_QUERY = "transactions"
+STATS_QUERY = "tx_stats"
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
+    reader = (
+        spark.readStream.format("kafka")
+        .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
+        .option("subscribe", settings.topic)
+        .option("startingOffsets", settings.stream_starting_offsets)
+        .option("failOnDataLoss", str(settings.stream_fail_on_data_loss).lower())
+        .option("includeHeaders", "false")
+    )
+    if settings.stream_max_offsets_per_trigger > 0:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.stream_max_offsets_per_trigger))
+    return reader.load()
+
+
+def _trigger(interval_s: float, available_now: bool) -> dict[str, object]:
+    if available_now:
+        return {"availableNow": True}
+    return {"processingTime": f"{max(interval_s, 0.0)} seconds"}
+
+
+BatchHook = Callable[[int, BatchResult], None]
+
+
+def start_transactions_query(
+    spark: SparkSession,
+    settings: Settings,
+    lake: Lake,
+    *,
+    available_now: bool = False,
+    on_batch: BatchHook | None = None,
+) -> StreamingQuery:
+    def handle(batch: DataFrame, batch_id: int) -> None:
+        started = time.perf_counter()
+        result = write_batch(batch, lake, batch_id, streaming_query_id(batch.sparkSession))
+        STREAM_QUARANTINED.inc(result.quarantined)
+        log.info(
+            "batch %d: %d inserted, %d updated, %d quarantined in %.2f s (%s)",
+            batch_id,
+            result.inserted,
+            result.updated,
+            result.quarantined,
+            time.perf_counter() - started,
+            ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
+        )
+        if on_batch is not None:
+            on_batch(batch_id, result)
+
+    return (
+        kafka_source(spark, settings)
+        .writeStream.queryName(TX_QUERY)
+        .option("checkpointLocation", lake.checkpoint(TX_QUERY))
+        .trigger(**_trigger(settings.stream_trigger_s, available_now))
+        .foreachBatch(handle)
+        .start()
+    )
+
+
+def start_stats_query(
+    spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
+) -> StreamingQuery:
+    paths = {g: lake.table(name) for g, name in GRANULARITIES_S.items()}
+    inserts = (
+        spark.readStream.format("delta")
+        .option("readChangeFeed", "true")
+        .load(lake.table(TRANSACTIONS))
+        .where("_change_type = 'insert'")
+        .select("first_seen", "output_value", "fee", "vsize", "input_count", "output_count")
+    )
+
+    def handle(batch: DataFrame, batch_id: int) -> None:
+        upsert_stats(batch, paths, streaming_query_id(batch.sparkSession), batch_id)
+
+    return (
+        windowed(inserts, settings.stream_watermark)
+        .writeStream.queryName(STATS_QUERY)
+        .outputMode("update")
+        .option("checkpointLocation", lake.checkpoint(STATS_QUERY))
+        .trigger(**_trigger(settings.stream_stats_trigger_s, available_now))
+        .foreachBatch(handle)
+        .start()
+    )
+
+
+@dataclass
+class StreamRunner:
+    """Starts, supervises and stops the two queries of `btc-anomaly stream`."""
+
+    settings: Settings
+    spark: SparkSession
+    on_batch: BatchHook | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.lake = Lake.from_settings(self.settings)
+        self.lake.root.mkdir(parents=True, exist_ok=True)
+        ensure_tables(self.spark, self.lake)
+
+    def run_available_now(self, stats: bool = True) -> None:
+        """Drain what Kafka holds now into the lake, then return (tests, backfills, batch jobs)."""
+        q = start_transactions_query(
+            self.spark, self.settings, self.lake, available_now=True, on_batch=self.on_batch
+        )
+        q.awaitTermination()
+        if stats:
+            s = start_stats_query(self.spark, self.settings, self.lake, available_now=True)
+            s.awaitTermination()
+
+    def run_forever(self) -> None:
+        """Run both queries until ``stop_event`` is set; restart a failed query from its checkpoint."""
+        starters: dict[str, Callable[[], StreamingQuery]] = {
+            TX_QUERY: lambda: start_transactions_query(
+                self.spark, self.settings, self.lake, on_batch=self.on_batch
+            ),
+            STATS_QUERY: lambda: start_stats_query(self.spark, self.settings, self.lake),
+        }
+        queries = {name: start() for name, start in starters.items()}
+        failures = dict.fromkeys(starters, 0)
+        restart_at: dict[str, float] = {}
+        try:
+            while not self.stop_event.is_set():
+                self.stop_event.wait(1.0)
+                for name, q in list(queries.items()):
+                    if q is not None and q.isActive:
+                        if q.lastProgress and q.lastProgress.get("numInputRows", 0) > 0:
+                            failures[name] = 0
+                        continue
+                    if name not in restart_at:
+                        exc = q.exception() if q is not None else None
+                        wait = RESTART_BACKOFF_S[min(failures[name], len(RESTART_BACKOFF_S) - 1)]
+                        failures[name] += 1
+                        log.error("query %s stopped (%s); restarting in %.0f s", name, exc, wait)
+                        restart_at[name] = time.monotonic() + wait
+                    elif time.monotonic() >= restart_at[name] and not self.stop_event.is_set():
+                        del restart_at[name]
+                        try:
+                            queries[name] = starters[name]()
+                            log.info("query %s restarted from its checkpoint", name)
+                        except Exception:
+                            log.exception("query %s could not restart", name)
+                            restart_at[name] = time.monotonic() + RESTART_BACKOFF_S[-1]
+        finally:
+            for q in queries.values():
+                if q is not None and q.isActive:
+                    q.stop()
+
+
+def run_stream(
+    settings: Settings, *, available_now: bool = False, stop: threading.Event | None = None
+) -> None:
+    """Entry point of `btc-anomaly stream`: Spark session, tables, listener + metrics, queries."""
+    from btc_anomaly.processing.metrics_listener import install_listener
+    from btc_anomaly.processing.spark_session import build_session
+
+    spark = build_session(settings)
+    listener = install_listener(spark, settings.stream_metrics_port)
+    try:
+        runner = StreamRunner(settings, spark, stop_event=stop or threading.Event())
+        log.info(
+            "streaming %s @ %s into %s (checkpoints %s)",
+            settings.topic,
+            settings.kafka_bootstrap,
+            runner.lake.root,
+            runner.lake.checkpoints,
+        )
+        if available_now:
+            runner.run_available_now()
+        else:
+            runner.run_forever()
+    finally:
+        # Detach the Python listener before the JVM goes: it would call back into a closing interpreter.
+        spark.streams.removeListener(listener)
+        spark.stop()

@@ -1,0 +1,153 @@
+"""The stream end to end, for real: kafka-python → local broker → Spark's Kafka source → Delta tables.
+
+The bundled real sample is published with duplicates, malformed records and unconfirmed copies; the
+stream drains the topic (trigger availableNow) and the tables are read back JVM-free (delta_reader).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+
+from btc_anomaly.config import Settings
+from btc_anomaly.ingestion.replay_source import loop_hash
+from btc_anomaly.processing import delta_reader
+from btc_anomaly.processing.sinks import BatchResult
+from btc_anomaly.processing.stream import StreamRunner
+from btc_anomaly.schema import Transaction
+from helpers.stream import (
+    create_topic,
+    expected_stats,
+    key_of,
+    malformed,
+    publish,
+    sample_lines,
+    with_changes,
+)
+
+pytestmark = pytest.mark.integration
+
+UNCONFIRMED = 40  # new txs first seen unconfirmed, confirmed in the second run
+DUPLICATES = 500
+
+
+def _canonical(row: dict[str, object]) -> Transaction:
+    return Transaction.model_validate({k: v for k, v in row.items() if k in Transaction.model_fields})
+
+
+def _stored(settings: Settings) -> dict[str, Transaction]:
+    rows = delta_reader.read_arrow(settings.lake_table("transactions")).to_pylist()
+    hashes = [r["hash"] for r in rows]
+    assert len(hashes) == len(set(hashes)), "a hash is stored twice"
+    return {r["hash"]: _canonical(r) for r in rows}
+
+
+@pytest.fixture
+def settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
+    return kafka_settings.model_copy(
+        update={
+            "lake_root": tmp_path / "lake",
+            "stream_max_offsets_per_trigger": 50_000,
+            "stream_metrics_port": 0,
+            # The sample spans 2011-2025; nothing in it may count as late.
+            "stream_watermark": "3650 days",
+        }
+    )
+
+
+def test_stream_sample_duplicates_quarantine_confirmation_and_windows(
+    spark: object, settings: Settings
+) -> None:
+    lines = sample_lines()
+    sample = [Transaction.from_json(line) for line in lines]
+    bad = malformed(lines[0])
+    # Unconfirmed transactions not in the sample (fresh hashes), confirmed in the second run.
+    pending = [
+        with_changes(line, hash=loop_hash(tx.hash, 1000), block_height=None)
+        for line, tx in zip(lines[:UNCONFIRMED], sample[:UNCONFIRMED], strict=True)
+    ]
+    create_topic(settings.kafka_bootstrap, settings.topic)
+    records = [(key_of(line), line) for line in lines]
+    records += [(key_of(line), line) for line in lines[:DUPLICATES]]  # sent twice
+    records += [(f"bad:{label}".encode(), value) for label, value, _ in bad]
+    records += [(key_of(line), line) for line in pending]
+    # An unconfirmed copy of a confirmed sample tx, later in the topic: must not erase its height.
+    late_unconfirmed = with_changes(lines[1], block_height=None)
+    records.append((key_of(late_unconfirmed), late_unconfirmed))
+    publish(settings.kafka_bootstrap, settings.topic, records)
+
+    batches: list[BatchResult] = []
+    runner = StreamRunner(settings, spark, on_batch=lambda _id, r: batches.append(r))  # type: ignore[arg-type]
+    runner.run_available_now()
+
+    stored = _stored(settings)
+    expected = {tx.hash: tx for tx in sample} | {
+        h: Transaction.from_json(line) for line in pending for h in [orjson.loads(line)["hash"]]
+    }
+    assert set(stored) == set(expected)
+    mismatched = [h for h, tx in expected.items() if stored[h] != tx]
+    assert not mismatched, f"{len(mismatched)} stored rows differ from the source, e.g. {mismatched[:3]}"
+    assert stored[sample[1].hash].block_height == sample[1].block_height
+    assert sum(b.inserted for b in batches) == len(expected)
+
+    quarantine = delta_reader.read_table(settings.lake_table("quarantine")).sort_values("offset")
+    assert len(quarantine) == len(bad)
+    sent = {f"bad:{label}".encode(): (value, reason) for label, value, reason in bad}
+    for row in quarantine.itertuples():
+        value, reason = sent[bytes(row.key)]
+        assert (None if row.value is None else bytes(row.value)) == value, "raw bytes not kept"
+        assert reason in row.error, f"{row.key!r}: {row.error!r} lacks {reason!r}"
+        assert row.topic == settings.topic and row.partition >= 0 and row.offset >= 0
+        assert not pd.isna(row.kafka_timestamp)
+    assert {bytes(k) for k in quarantine["key"]} == set(sent)
+    assert sum(b.quarantined for b in batches) == len(bad)
+
+    _assert_window_stats(settings, list(expected.values()))
+
+    # Second run, from the checkpoint: confirmations arrive, plus more copies of stored txs.
+    heights = {orjson.loads(line)["hash"]: 900_000 + i for i, line in enumerate(pending)}
+    confirmed = [with_changes(line, block_height=heights[orjson.loads(line)["hash"]]) for line in pending]
+    again = [(key_of(line), line) for line in confirmed]
+    again += [(key_of(line), line) for line in lines[DUPLICATES : DUPLICATES + 100]]
+    again += [(key_of(line), line) for line in pending[:5]]  # an unconfirmed copy after the confirmation
+    publish(settings.kafka_bootstrap, settings.topic, again)
+    batches.clear()
+    runner.run_available_now()
+
+    after = _stored(settings)
+    assert set(after) == set(expected)
+    for h, height in heights.items():
+        assert after[h].block_height == height, f"{h}: block_height {after[h].block_height} != {height}"
+        assert after[h].model_copy(update={"block_height": None}) == expected[h]
+    assert sum(b.inserted for b in batches) == 0
+    assert sum(b.updated for b in batches) == UNCONFIRMED
+    # Updates are not new transactions: the windows are unchanged.
+    _assert_window_stats(settings, list(expected.values()))
+
+
+def _assert_window_stats(settings: Settings, txs: list[Transaction]) -> None:
+    for seconds, table in ((60, "tx_stats_1m"), (300, "tx_stats_5m")):
+        want = expected_stats(txs, seconds).set_index("window_start").sort_index()
+        got = delta_reader.read_table(settings.lake_table(table)).set_index("window_start").sort_index()
+        assert list(got.index) == list(want.index), f"{table}: windows differ"
+        for col in ("tx_count", "total_value", "fan_in_count", "fan_out_count"):
+            assert got[col].astype("int64").tolist() == want[col].astype("int64").tolist(), f"{table}.{col}"
+        for col in (
+            "median_value",
+            "fee_p50",
+            "fee_p90",
+            "fee_p99",
+            "fee_rate_p50",
+            "fee_rate_p90",
+            "fee_rate_p99",
+        ):
+            for g, w in zip(got[col].tolist(), want[col].tolist(), strict=True):
+                assert (pd.isna(g) and pd.isna(w)) or math.isclose(g, w, rel_tol=1e-9), (
+                    f"{table}.{col}: {g} != {w}"
+                )
+        ends = (got["window_end"] - got.index.to_series()).dt.total_seconds()
+        assert set(ends) == {seconds}
