@@ -9,7 +9,7 @@ JARS ?= .jars
 MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
 PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
-EXTRAS := producer spark model dashboard
+EXTRAS := producer spark model api dashboard
 # Java + Maven for the JVM jars, Prometheus + Alertmanager (promtool, amtool) for the observability tests,
 # Chromium + chromedriver for the dashboard browser tests, wrk as the API benchmark's load generator.
 APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver wrk

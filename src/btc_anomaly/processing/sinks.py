@@ -307,72 +307,62 @@ def quarantine_frame(parsed: DataFrame) -> DataFrame:
 def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> BatchResult:
     """Write one micro-batch of Kafka records: dedup + MERGE into transactions, invalid ones to quarantine.
 
-    Passes over the batch, each reading the raw records kept in memory (not Kafka again):
-
-    1. parse + validate, count invalid and confirmed rows, pick the copy to keep per hash (a shuffle of
-       narrow columns only) → the small ``winners`` table;
-    2. parse + validate again, keep the winners (broadcast join), MERGE: the insert-only MERGE reads its
-       source once and Delta writes it straight away;
-    3. only when there are any: the confirmed rows for the update MERGE, the invalid ones for quarantine.
-
-    Parsing twice is cheaper than keeping the parsed batch: materializing 200k nested rows costs more
-    than parsing them (measured, see bench/RESULTS.md); the raw bytes are one flat column.
+    The batch is read from Kafka and parsed once, and kept (a local checkpoint, serialized rows) with
+    the raw bytes of invalid records only; on the way, invalid and confirmed rows are counted. Every
+    later step reads that copy: the choice of the copy to keep per hash (a shuffle of narrow columns),
+    the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
+    see bench/RESULTS.md), so it beats parsing twice; it also lets Delta skip its own copy of the
+    MERGE source (see _merge).
     """
     from pyspark import StorageLevel
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
     result = BatchResult()
+    counts = Observation(f"batch-{batch_id}")
     with result.phase("stage"):
-        raw = batch.select("key", "value", "topic", "partition", "offset", "timestamp").localCheckpoint(
-            eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK
+        parsed = parse(batch)
+        valid_flag = is_valid()
+        staged = (
+            parsed.select(
+                *[c for c in parsed.columns if c not in ("key", "value")],
+                # Raw bytes are kept for the quarantine only: half the size of the batch copy.
+                F.when(~valid_flag, F.col("key")).alias("key"),
+                F.when(~valid_flag, F.col("value")).alias("value"),
+                F.current_timestamp().alias("ingested_at"),
+            )
+            .observe(
+                counts,
+                F.count(F.when(~valid_flag, True)).alias("invalid"),
+                F.count(F.when(valid_flag & F.col("block_height").isNotNull(), True)).alias("confirmed"),
+            )
+            .localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         )
+        observed = counts.get
     try:
-        counts = Observation(f"batch-{batch_id}")
-        with result.phase("dedup"):
-            valid_flag = is_valid()
-            winners = (
-                dedup_winners(
-                    parse(raw)
-                    .observe(
-                        counts,
-                        F.count(F.when(~valid_flag, True)).alias("invalid"),
-                        F.count(F.when(valid_flag & F.col("block_height").isNotNull(), True)).alias(
-                            "confirmed"
-                        ),
-                    )
-                    .where(valid_flag)
+        result.quarantined = int(observed["invalid"])
+        valid = staged.where(is_valid())
+        source = dedup_batch(valid, dedup_winners(valid)).select(*transaction_columns(), "ingested_at")
+        merge_transactions(
+            source,
+            lake.table(TRANSACTIONS),
+            f"{app_id}:{TRANSACTIONS}",
+            batch_id,
+            result,
+            any_confirmed=int(observed["confirmed"]) > 0,
+        )
+        if result.quarantined:
+            with result.phase("quarantine"):
+                (
+                    quarantine_frame(staged)
+                    .write.format("delta")
+                    .mode("append")
+                    .option("txnAppId", f"{app_id}:{QUARANTINE}")
+                    .option("txnVersion", batch_id)
+                    .save(lake.table(QUARANTINE))
                 )
-            ).localCheckpoint(eager=True)
-            observed = counts.get
-        try:
-            result.quarantined = int(observed["invalid"])
-            parsed = parse(raw)
-            source = dedup_batch(parsed.where(is_valid()), winners).select(
-                *transaction_columns(), F.current_timestamp().alias("ingested_at")
-            )
-            merge_transactions(
-                source,
-                lake.table(TRANSACTIONS),
-                f"{app_id}:{TRANSACTIONS}",
-                batch_id,
-                result,
-                any_confirmed=int(observed["confirmed"]) > 0,
-            )
-            if result.quarantined:
-                with result.phase("quarantine"):
-                    (
-                        quarantine_frame(parsed)
-                        .write.format("delta")
-                        .mode("append")
-                        .option("txnAppId", f"{app_id}:{QUARANTINE}")
-                        .option("txnVersion", batch_id)
-                        .save(lake.table(QUARANTINE))
-                    )
-        finally:
-            release(winners)
     finally:
-        release(raw)
+        release(staged)
     return result
 
 

@@ -52,6 +52,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
         # The stream writes one commit per micro-batch; a checkpoint every 10 commits (default) keeps
         # snapshot reconstruction cheap for delta-rs readers too.
         "spark.databricks.delta.checkpointInterval": "10",
+        # MERGE would shuffle its output by the partition column first: with one date partition per
+        # batch that funnels every row into one write task. Files per batch stay bounded by the
+        # source partitions (and are compacted), writes use every core.
+        "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false",
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.ui.enabled": "true" if settings.spark_ui else "false",
