@@ -73,6 +73,9 @@ requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyP
 	  $(BIN)/pip-compile -q --strip-extras --no-header --no-emit-find-links --extra $$extra -o requirements/$$extra.txt pyproject.toml; \
 	done
 	$(BIN)/pip-compile -q --strip-extras --no-header --no-emit-find-links $(foreach e,$(EXTRAS) dev,--extra $(e)) -o requirements/dev.txt pyproject.toml
+	# An extra that depends on another (api -> btc-anomaly[model]) makes pip-compile pin the project itself
+	# by its local path; the project is installed separately (`pip install -e .` / the image's COPY).
+	sed -i '/^btc-anomaly @ file:/d' requirements/*.txt
 
 clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
 	rm -rf var
