@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from btc_anomaly.api.model_holder import Served
 from btc_anomaly.api.schemas import ExplainMode, SummaryTransaction
@@ -84,16 +85,38 @@ class BatchTooLarge(ValueError):
 
 
 @dataclass(frozen=True)
+class CanonicalBatch:
+    """Validated canonical transactions in columns: their hashes and their ``INPUT_COLUMNS`` as Arrow.
+
+    What ``body.BodyParser`` returns for large canonical arrays (no per-transaction model objects); scored
+    like a list of ``Transaction`` with the same results."""
+
+    hashes: list[str]
+    table: pa.Table
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+
+Items = Sequence[Transaction | SummaryTransaction] | CanonicalBatch
+
+
+@dataclass(frozen=True)
 class Job:
     """One request's share of a scoring call: its transactions and how to label and explain them."""
 
-    items: Sequence[Transaction | SummaryTransaction]
+    items: Items
     threshold: float | None = None
     explain: ExplainMode = "anomalies"
 
 
-def count_ios(items: Sequence[Transaction | SummaryTransaction]) -> int:
+def count_ios(items: Items) -> int:
     """Inputs + outputs (declared, for 8-field bodies): what the feature lists will hold."""
+    if isinstance(items, CanonicalBatch):
+        t = items.table
+        return int(pc.sum(pc.list_value_length(t.column("inputs"))).as_py() or 0) + int(
+            pc.sum(pc.list_value_length(t.column("outputs"))).as_py() or 0
+        )
     return sum(
         it.inputs_count + it.outputs_count
         if isinstance(it, SummaryTransaction)
@@ -104,7 +127,7 @@ def count_ios(items: Sequence[Transaction | SummaryTransaction]) -> int:
 
 def predict(
     served: Served,
-    items: Sequence[Transaction | SummaryTransaction],
+    items: Items,
     *,
     threshold: float | None = None,
     explain: ExplainMode = "anomalies",
@@ -119,24 +142,40 @@ def predict(
 
 def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list[list[dict[str, Any]]]:
     """Score several requests' transactions with one ``compute_features`` call (see batcher.py)."""
-    items = [it for job in jobs for it in job.items]
-    n = len(items)
+    n = sum(len(job.items) for job in jobs)
     if n == 0:
         return [[] for _ in jobs]
-    canon = [i for i, it in enumerate(items) if not isinstance(it, SummaryTransaction)]
-    summ = [i for i, it in enumerate(items) if isinstance(it, SummaryTransaction)]
-    order = canon + summ  # feature row r belongs to items[order[r]]
-    tables = []
+    # Feature rows: columnar batches and canonical models first, 8-field bodies last (``_impute`` expects
+    # them at the end); ``order[r]`` is the request-order position of feature row r.
+    hashes: list[str] = []
+    canon: list[int] = []
+    summ: list[int] = []
+    model_at: dict[int, Any] = {}
+    tables: list[pa.Table] = []
+    batch_rows: list[np.ndarray] = []
+    for job in jobs:
+        start = len(hashes)
+        if isinstance(job.items, CanonicalBatch):
+            hashes.extend(job.items.hashes)
+            tables.append(job.items.table)
+            batch_rows.append(np.arange(start, len(hashes)))
+            continue
+        for it in job.items:
+            (summ if isinstance(it, SummaryTransaction) else canon).append(len(hashes))
+            model_at[len(hashes)] = it
+            hashes.append(it.hash)
     if canon:
-        tables.append(canonical_table([items[i] for i in canon]))  # type: ignore[misc]
+        tables.append(canonical_table([model_at[i] for i in canon]))
     if summ:
-        tables.append(summary_table([items[i] for i in summ]))  # type: ignore[misc]
+        tables.append(summary_table([model_at[i] for i in summ]))
+    order = np.concatenate([*batch_rows, np.asarray(canon, np.int64), np.asarray(summ, np.int64)])
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    n_canon = n - len(summ)
 
     bundle = served.model.bundle
     matrix = compute_features(table).to_numpy(dtype=np.float64, copy=bool(summ))
     if summ:
-        _impute(matrix, len(canon), bundle)
+        _impute(matrix, n_canon, bundle)
     with _PARALLEL_LOCK if n >= PARALLEL_ROWS else contextlib.nullcontext():
         score, model_thr, kinds = score_matrix(bundle, matrix)
 
@@ -165,20 +204,21 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
 
     ref = served.ref
     score_l, thr_l, model_thr_l, flags_l = score.tolist(), thr.tolist(), model_thr.tolist(), flags.tolist()
-    n_canon = len(canon)
+    kinds_l = kinds.tolist()
     out: list[dict[str, Any]] = []
     for i, r in enumerate(row_of.tolist()):
-        kind = str(kinds[r])
+        kind = kinds_l[r]
         summary = r >= n_canon
+        reasons = explained.get(r)
         out.append(
             {
-                "hash": items[i].hash,
+                "hash": hashes[i],
                 "anomaly_score": score_l[r],
                 "is_anomaly": flags_l[r],
                 "threshold": thr_l[r],
                 "model_threshold": model_thr_l[r],
                 "model_kind": kind,
-                "reasons": _reasons(explained.get(r, ()), summary, kind),
+                "reasons": _reasons(reasons, summary, kind) if reasons else [],
                 "missing_features": (_MISSING_SUMMARY if summary else _MISSING_CANONICAL)[kind],
                 "model": ref,
             }

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from btc_anomaly.monitoring.exposition import RUNTIME_PREFIXES, PrefixFilter
 from btc_anomaly.monitoring.metrics import API_LATENCY, API_PREDICTIONS, API_REQUESTS, API_SCORES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -110,17 +110,8 @@ class MetricsMiddleware:
 # --- exposition ----------------------------------------------------------------------------------------
 
 
-class _Prefixed:
-    """Only the metric families of this service (the shared module also defines the other services')."""
-
-    def __init__(self, inner: Any, prefixes: tuple[str, ...]) -> None:
-        self.inner = inner
-        self.prefixes = prefixes
-
-    def collect(self) -> Iterable[Any]:
-        for family in self.inner.collect():
-            if family.name.startswith(self.prefixes):
-                yield family
+# The API's own families plus the notifier's (it runs in the API process when anomalies are notified).
+PREFIXES = ("btc_api_", "btc_notifier_")
 
 
 def render_metrics() -> tuple[bytes, str]:
@@ -131,7 +122,7 @@ def render_metrics() -> tuple[bytes, str]:
 
         source: Any = CollectorRegistry(auto_describe=False)
         multiprocess.MultiProcessCollector(source)
-        registry.register(_Prefixed(source, ("btc_api_",)))
+        registry.register(PrefixFilter(source, PREFIXES))
     else:
-        registry.register(_Prefixed(REGISTRY, ("btc_api_", "process_", "python_")))
+        registry.register(PrefixFilter(REGISTRY, PREFIXES + RUNTIME_PREFIXES))
     return generate_latest(registry), CONTENT_TYPE_LATEST
