@@ -367,6 +367,37 @@ class Settings(BaseSettings):
         9096, description="Port of `btc-anomaly alert-relay` (Alertmanager webhook → notify_webhook_url)."
     )
 
+    # --- detectors (rules, watchlists, risk score; `btc-anomaly detect`) ------------------------------------
+    risk_detectors: bool = Field(
+        True,
+        description="Scoring also runs the rules, watchlists and Mahalanobis distance (else the risk score "
+        "comes from the forest alone).",
+    )
+    watchlist_dir: Path | None = Field(
+        PROJECT_ROOT / "data" / "labels",
+        description="Folder with watchlists.yaml and the address lists it names; empty = no watchlists.",
+    )
+    detect_poll_s: float = Field(10.0, description="Seconds between the Delta polls of `btc-anomaly detect`.")
+    detect_lookback: str = Field(
+        "24h", description="History `btc-anomaly detect` reads for the EWMA windows (e.g. 24h, 7d)."
+    )
+    detect_ewma_span: int = Field(30, description="EWMA span, in 1-minute windows, of the window detector.")
+    detect_ewma_threshold: float = Field(
+        3.0, description="A window metric is anomalous when |z| exceeds this many EW standard deviations."
+    )
+    detect_ewma_min_windows: int = Field(
+        10, description="Windows of history before the window detector flags anything."
+    )
+    detect_burst_window_s: float = Field(
+        60.0, description="Sliding window of the coordinated-burst detector, in seconds of first_seen."
+    )
+    detect_burst_min_size: int = Field(
+        3, description="Fewest similar high fan-in/fan-out transactions that make a coordinated burst."
+    )
+    detect_alert_severity: Literal["medium", "high", "severe"] = Field(
+        "severe", description="Scored transactions at or above this severity produce an alert."
+    )
+
     @property
     def lake_dir(self) -> Path:
         return self.lake_root or self.state_dir / "lake"

@@ -7,7 +7,8 @@ known go to the *full* forest; the rest (raw hex without a prevout lookup, coinb
 
 On disk (the MLflow pyfunc artifact ``bundle/``)::
 
-    bundle.json            feature version, feature lists, training info, feature stats
+    bundle.json            feature version, feature lists, training info, feature stats, and (bundles
+                           trained since the detectors issue) the Mahalanobis mean/precision per kind
     full.npz               CompiledForest (NumPy arrays only: serving needs no sklearn)
     structural.npz
     full.skops             the fitted sklearn IsolationForest, for audit and parity checks
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from btc_anomaly.detectors.mahalanobis import MahalanobisModel
 from btc_anomaly.features import FEATURE_VERSION, FEATURES_FULL, FEATURES_PREVOUT, FEATURES_STRUCTURAL
 from btc_anomaly.model.explain import FeatureStats, explain
 from btc_anomaly.model.scorer import Backend, CompiledForest, warm_up
@@ -44,6 +46,9 @@ class ModelBundle:
     stats: dict[str, FeatureStats]
     info: dict[str, Any] = field(default_factory=dict)
     sklearn_models: dict[str, Any] = field(default_factory=dict, repr=False)  # only right after training
+    # Mahalanobis distance per kind (detectors/mahalanobis.py); None for bundles saved before it existed,
+    # which still load and score: the risk score then lacks that signal and says so.
+    mahalanobis: dict[str, MahalanobisModel] | None = None
 
     def full_rows(self, features: pd.DataFrame) -> np.ndarray:
         """Rows the full forest can score: every prevout feature known."""
@@ -116,6 +121,8 @@ class ModelBundle:
             "info": self.info,
             "stats": {k: self.stats[k].to_dict() for k in KINDS},
         }
+        if self.mahalanobis:
+            doc["mahalanobis"] = {k: m.to_dict() for k, m in self.mahalanobis.items()}
         (path / "bundle.json").write_text(json.dumps(doc, indent=1, default=str))
         return path
 
@@ -133,7 +140,13 @@ class ModelBundle:
             if forests[k].feature_names != FEATURES_OF[k]:
                 raise ValueError(f"{k} forest features differ from FEATURES_{k.upper()}")
         stats = {k: FeatureStats.from_dict(doc["stats"][k]) for k in KINDS}
-        return cls(forests=forests, stats=stats, info=doc.get("info", {}))
+        mahalanobis = None
+        if doc.get("mahalanobis"):
+            mahalanobis = {k: MahalanobisModel.from_dict(v) for k, v in doc["mahalanobis"].items()}
+            for k, m in mahalanobis.items():
+                if m.feature_names != FEATURES_OF[k]:
+                    raise ValueError(f"{k} Mahalanobis features differ from FEATURES_{k.upper()}")
+        return cls(forests=forests, stats=stats, info=doc.get("info", {}), mahalanobis=mahalanobis)
 
     @staticmethod
     def load_sklearn(path: str | Path, kind: str) -> Any:

@@ -5,7 +5,13 @@
 
     hash, first_seen, anomaly_score, is_anomaly, threshold, model_kind, reasons, top_features,
     model_name, model_version, scored_at, + TX_DISPLAY_COLUMNS (block_height, input_count, output_count,
-    output_value, fee, vsize, fee_rate)
+    output_value, fee, vsize, fee_rate), + RISK_COLUMNS (risk_score, severity, signals, rule_hits,
+    watchlist_hits, mahalanobis)
+
+The risk columns come from the per-transaction detectors (``btc_anomaly.detectors``): rules, address
+watchlists and the Mahalanobis distance, combined with the forest score into a 0-100 ``risk_score`` and a
+``severity`` (formula: ``detectors/risk.py``). ``detectors=False`` (or ``BTC_ANOMALY_RISK_DETECTORS=false``)
+keeps the columns but fills them from the forest score alone.
 
 The display columns are copied from the transaction so `scored_transactions` alone can drive the
 dashboard and /anomalies (value, fee rate, fan-in/out) without joining the transactions table.
@@ -37,8 +43,12 @@ import pandas as pd
 import pyarrow as pa
 
 from btc_anomaly.config import Settings, get_settings
-from btc_anomaly.features import compute_features
+from btc_anomaly.detectors.assess import assess, empty_hits
+from btc_anomaly.detectors.risk import combine, forest_part, severity_of
+from btc_anomaly.detectors.watchlist import HIT_TYPE, load_watchlist
+from btc_anomaly.features import INPUT_COLUMNS, compute_features
 from btc_anomaly.model.bundle import ModelBundle
+from btc_anomaly.schema import arrow_schema
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +77,17 @@ def scored_arrow_schema() -> pa.Schema:
             pa.field("fee", pa.int64()),
             pa.field("vsize", pa.int64()),
             pa.field("fee_rate", pa.float64()),
+            pa.field("risk_score", pa.float64(), nullable=False),
+            pa.field("severity", pa.string(), nullable=False),
+            pa.field("signals", pa.list_(pa.string())),
+            pa.field("rule_hits", pa.list_(pa.string())),
+            pa.field("watchlist_hits", pa.list_(HIT_TYPE)),
+            pa.field("mahalanobis", pa.float64()),
         ]
     )
 
 
+RISK_COLUMNS = ("risk_score", "severity", "signals", "rule_hits", "watchlist_hits", "mahalanobis")
 TX_DISPLAY_COLUMNS = ("block_height", "input_count", "output_count", "output_value", "fee", "vsize")
 
 
@@ -120,19 +137,25 @@ def score_frame(
     explain: Explain = "anomalies",
     top_k: int | None = None,
     settings: Settings | None = None,
+    detectors: bool | None = None,
 ) -> pd.DataFrame:
     """Score canonical transactions (pandas, as read from Delta, Kafka JSON or Spark) with ``model``.
 
     Without ``model`` the process-wide cached champion is used (loaded on first use, alias re-checked
-    every ``model_reload_s``). The result has ``SCORED_COLUMNS`` and a fresh RangeIndex.
+    every ``model_reload_s``). The result has ``SCORED_COLUMNS`` and a fresh RangeIndex. ``detectors``
+    (default ``Settings.risk_detectors``) runs the rules, watchlists and Mahalanobis distance.
     """
     settings = settings or get_settings()
     model = model or cached_champion(settings)
     top_k = settings.explain_top_k if top_k is None else top_k
+    detectors = settings.risk_detectors if detectors is None else detectors
     scored_at = pd.Timestamp.now(tz="UTC")
     if len(df) == 0:
         return _empty()
-    features = compute_features(df)
+    # One pandas → Arrow conversion for the features and the detectors (the nested lists dominate it).
+    table = canonical_table(df)
+    features = compute_features(table)
+    features.index = df.index
     scored = model.bundle.score_features(features)
     n = len(df)
     # One shared empty list for the unexplained rows: n fresh lists cost more than the scoring itself.
@@ -153,6 +176,7 @@ def score_frame(
     else:
         first_seen = pd.Series(pd.NaT, index=pd.RangeIndex(n), dtype="datetime64[us, UTC]")
     display = _display_columns(df)
+    risk = _risk_columns(table, features, scored, model.bundle, settings, detectors)
     return pd.DataFrame(
         {
             "hash": df["hash"].to_numpy(dtype=object),
@@ -167,8 +191,72 @@ def score_frame(
             "model_version": model.version,
             "scored_at": scored_at,
             **display,
+            **risk,
         }
     )
+
+
+_INPUT_SCHEMA = pa.schema([arrow_schema().field(c) for c in INPUT_COLUMNS])
+
+
+def canonical_table(df: pd.DataFrame) -> pa.Table:
+    """The ``features.INPUT_COLUMNS`` of a canonical pandas frame as Arrow (what features and detectors read).
+
+    ``inputs``/``outputs`` may be lists of dicts (JSON) or arrays of dicts (Delta/Spark via Arrow).
+    """
+    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise KeyError(f"score_frame needs canonical columns, missing: {missing}")
+    arrays = []
+    for f in _INPUT_SCHEMA:
+        col = df[f.name]
+        if pa.types.is_list(f.type):
+            arrays.append(pa.array(col.to_numpy(dtype=object), type=f.type, from_pandas=True))
+        else:
+            arr = pa.Array.from_pandas(col)
+            arrays.append(arr if arr.type == f.type else arr.cast(f.type))
+    return pa.Table.from_arrays(arrays, schema=_INPUT_SCHEMA)
+
+
+def _risk_columns(
+    table: pa.Table,
+    features: pd.DataFrame,
+    scored: pd.DataFrame,
+    bundle: ModelBundle,
+    settings: Settings,
+    detectors: bool,
+) -> dict[str, Any]:
+    score = scored["anomaly_score"].to_numpy()
+    threshold = scored["threshold"].to_numpy()
+    n = len(score)
+    if not detectors:
+        risk = combine(forest_part(score, threshold), np.zeros(n), np.zeros((n, 0), dtype=bool))
+        forest_only = ["forest"]
+        return {
+            "risk_score": risk,
+            "severity": severity_of(risk),
+            "signals": [forest_only if r > 0 else [] for r in risk.tolist()],
+            "rule_hits": empty_hits(n),
+            "watchlist_hits": empty_hits(n),
+            "mahalanobis": np.full(n, np.nan),
+        }
+    a = assess(
+        table,
+        features.to_numpy(dtype=np.float64),
+        score,
+        threshold,
+        scored["model_kind"].to_numpy(),
+        mahalanobis=bundle.mahalanobis,
+        watchlist=load_watchlist(settings.watchlist_dir),
+    )
+    return {
+        "risk_score": a.risk_score,
+        "severity": a.severity,
+        "signals": a.signals,
+        "rule_hits": a.rule_hits,
+        "watchlist_hits": a.watchlist_hits,
+        "mahalanobis": a.mahalanobis,
+    }
 
 
 def _display_columns(df: pd.DataFrame) -> dict[str, Any]:
@@ -200,7 +288,7 @@ def score_records(
         r["first_seen"] = r["first_seen"].isoformat() if pd.notna(r["first_seen"]) else None
         r["scored_at"] = r["scored_at"].isoformat()
         r["reason"] = "; ".join(r["reasons"])
-        for col in (*TX_DISPLAY_COLUMNS, "fee_rate"):
+        for col in (*TX_DISPLAY_COLUMNS, "fee_rate", "mahalanobis"):
             v = r[col]
             r[col] = None if v is pd.NA or (isinstance(v, float) and np.isnan(v)) else v
     return result
@@ -303,9 +391,11 @@ def top_reasons(scored: pd.DataFrame, n: int = 10) -> list[str]:
 
 
 __all__ = [
+    "RISK_COLUMNS",
     "SCORED_COLUMNS",
     "ChampionModel",
     "cached_champion",
+    "canonical_table",
     "describe",
     "load_champion",
     "map_in_pandas_scorer",

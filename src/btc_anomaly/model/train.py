@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from btc_anomaly.config import Settings
+from btc_anomaly.detectors.mahalanobis import MahalanobisModel
 from btc_anomaly.features import (
     FEATURE_VERSION,
     FEATURES_FULL,
@@ -198,6 +199,7 @@ def fit_bundle(features: pd.DataFrame, settings: Settings) -> tuple[ModelBundle,
     forests: dict[str, CompiledForest] = {}
     stats: dict[str, FeatureStats] = {}
     sk: dict[str, Any] = {}
+    mahalanobis: dict[str, MahalanobisModel] = {}
     metrics: dict[str, float] = {"rows": float(len(features)), "rows_full": float(full_mask.sum())}
     for kind in KINDS:
         X = data[kind]
@@ -212,7 +214,13 @@ def fit_bundle(features: pd.DataFrame, settings: Settings) -> tuple[ModelBundle,
         for q in (50, 90, 99, 99.9):
             metrics[f"score_p{q:g}_{kind}".replace(".", "_")] = float(np.percentile(scores, q))
         metrics[f"score_max_{kind}"] = float(scores.max())
-    bundle = ModelBundle(forests=forests, stats=stats, sklearn_models=sk)
+        t0 = time.perf_counter()
+        # Same rows and features as the forest, so the distance means "unlike this forest's training data".
+        mahalanobis[kind] = MahalanobisModel.fit(X.to_numpy(dtype=np.float64), list(X.columns))
+        metrics[f"mahalanobis_seconds_{kind}"] = time.perf_counter() - t0
+        metrics[f"mahalanobis_q99_{kind}"] = mahalanobis[kind].q99
+        metrics[f"mahalanobis_q999_{kind}"] = mahalanobis[kind].q999
+    bundle = ModelBundle(forests=forests, stats=stats, sklearn_models=sk, mahalanobis=mahalanobis)
     routed = bundle.score_features(features)
     metrics["anomaly_rate"] = float(routed["is_anomaly"].mean())
     return bundle, metrics
