@@ -487,5 +487,44 @@ def alert_relay(
         notifier.close()
 
 
+@app.command()
+def detect(
+    once: Annotated[bool, typer.Option("--once", help="Poll once, print what was found, exit.")] = False,
+) -> None:
+    """Window (EWMA) and coordinated-burst detectors over the lake, plus alerts for risky transactions (no JVM)."""
+    import threading
+
+    from btc_anomaly.detectors.service import DetectService
+    from btc_anomaly.monitoring.notifier import from_settings, set_notifier
+
+    _logging()
+    s = get_settings()
+    notifier = from_settings(s)
+    set_notifier(notifier)
+    service = DetectService(s, notifier)
+    try:
+        if once:
+            r = service.poll()
+            typer.echo(
+                json.dumps(
+                    {
+                        "window_anomalies_new": r.windows_new,
+                        "bursts_new": r.bursts_new,
+                        "bursts_updated": r.bursts_updated,
+                        "risky_transactions": r.risky_transactions,
+                        "alerts": len(r.alerts),
+                    }
+                )
+            )
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        service.run(stop)
+    finally:
+        notifier.flush(5.0)
+        notifier.close()
+
+
 if __name__ == "__main__":
     app()

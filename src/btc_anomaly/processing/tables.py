@@ -16,6 +16,8 @@ TRANSACTIONS = "transactions"
 QUARANTINE = "quarantine"
 STATS_1M = "tx_stats_1m"
 STATS_5M = "tx_stats_5m"
+WINDOW_ANOMALIES = "window_anomalies"  # written by `btc-anomaly detect` (detectors/windows.py)
+COORDINATED_BURSTS = "coordinated_bursts"  # written by `btc-anomaly detect` (detectors/bursts.py)
 
 DATE_COLUMN = "date"  # UTC date of first_seen: the partition column of `transactions`
 PARTITION_COLUMNS: dict[str, list[str]] = {TRANSACTIONS: [DATE_COLUMN]}
@@ -74,11 +76,52 @@ def stats_schema() -> pa.Schema:
     )
 
 
+def window_anomalies_schema() -> pa.Schema:
+    """One row per flagged (1-minute window, metric); key (window_start, metric). ``value``/``expected``
+    on the metric's own scale, ``std`` and ``z`` on the compared scale (log1p for volume and fee rate)."""
+    return pa.schema(
+        [
+            pa.field("window_start", _TS, nullable=False),
+            pa.field("window_end", _TS, nullable=False),
+            pa.field("metric", pa.string(), nullable=False),
+            pa.field("value", pa.float64()),
+            pa.field("expected", pa.float64()),
+            pa.field("std", pa.float64()),
+            pa.field("z", pa.float64(), nullable=False),
+            pa.field("threshold", pa.float64(), nullable=False),
+            pa.field("detected_at", _TS, nullable=False),
+        ]
+    )
+
+
+def coordinated_bursts_schema() -> pa.Schema:
+    """One row per coordinated burst; key ``burst_id`` (stable while the burst grows)."""
+    return pa.schema(
+        [
+            pa.field("burst_id", pa.string(), nullable=False),
+            pa.field("kind", pa.string(), nullable=False),  # fan_out | fan_in
+            pa.field("window_start", _TS, nullable=False),  # first member's first_seen
+            pa.field("window_end", _TS, nullable=False),  # last member's first_seen
+            pa.field("size", pa.int64(), nullable=False),
+            pa.field("member_hashes", pa.list_(pa.field("element", pa.string())), nullable=False),
+            pa.field("representative_hash", pa.string(), nullable=False),
+            pa.field("avg_inputs", pa.float64(), nullable=False),
+            pa.field("avg_outputs", pa.float64(), nullable=False),
+            pa.field("total_value", pa.int64(), nullable=False),
+            pa.field("shared_addresses", pa.list_(pa.field("element", pa.string()))),
+            pa.field("reason", pa.string(), nullable=False),
+            pa.field("detected_at", _TS, nullable=False),
+        ]
+    )
+
+
 SCHEMAS = {
     TRANSACTIONS: transactions_schema,
     QUARANTINE: quarantine_schema,
     STATS_1M: stats_schema,
     STATS_5M: stats_schema,
+    WINDOW_ANOMALIES: window_anomalies_schema,
+    COORDINATED_BURSTS: coordinated_bursts_schema,
 }
 
 
