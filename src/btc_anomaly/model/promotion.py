@@ -234,9 +234,18 @@ def promote(
     champ_mv = version_by_alias(settings, CHAMPION, c)
     previous = str(champ_mv.version) if champ_mv is not None else None
     if previous == version:
+        # A run that moved the alias but died before marking the old champion finishes that here.
+        _mark_superseded(c, settings, version)
         return GateDecision(
             settings.model_name, version, True, [], decided_by, now, previous, note="already the champion"
         )
+    pending = _pending_promotion(c, settings, version, previous)
+    if pending is not None:
+        # Recorded as promoted by an earlier run whose alias move failed, and the champion has not
+        # changed since: finish that decision instead of gating (and recording) the version again.
+        _ensure_description(c, settings, pending)
+        _move_alias(c, settings, pending)
+        return pending
 
     challenger = load_version(settings, version)
     champion = load_alias(settings, CHAMPION) if previous is not None else None
@@ -255,13 +264,94 @@ def promote(
         forced=force and not passed,
         metrics=metrics,
     )
-    if decision.promoted:
-        c.set_registered_model_alias(settings.model_name, CHAMPION, version)
+    # The record goes first: if writing it fails the alias has not moved (nothing happened), while an alias
+    # moved without its record would be a champion the registry's history cannot explain.
     _record(c, settings, decision)
+    if decision.promoted:
+        _move_alias(c, settings, decision)
     return decision
 
 
+def _move_alias(c: Any, settings: Settings, d: GateDecision) -> None:
+    try:
+        c.set_registered_model_alias(settings.model_name, CHAMPION, d.version)
+    except Exception as exc:
+        raise RuntimeError(
+            f"recorded the promotion of {settings.model_name} v{d.version} but could not move the "
+            f"'{CHAMPION}' alias ({exc}); run `btc-anomaly promote {d.version}` again to finish it"
+        ) from exc
+    if d.previous_champion:
+        _mark_superseded(c, settings, d.version)
+
+
+def _mark_superseded(c: Any, settings: Settings, version: str) -> None:
+    """Tag the champion ``version`` replaced (its ``promotion.previous_champion``), once."""
+    name = settings.model_name
+    mv = c.get_model_version(name, version)
+    tags = dict(mv.tags or {})
+    old_version = tags.get("promotion.previous_champion")
+    if not old_version or old_version == version:
+        return
+    old = c.get_model_version(name, old_version)
+    if (old.tags or {}).get("promotion.superseded_by") == version:
+        return
+    decided_at = tags.get("promotion.decided_at", "")
+    c.set_model_version_tag(name, old_version, "promotion.superseded_at", decided_at)
+    note = f"[{decided_at}] SUPERSEDED as champion by v{version}"
+    c.update_model_version(name, old_version, description=_append(old.description, note))
+    # Last: the marker that makes a re-run skip this.
+    c.set_model_version_tag(name, old_version, "promotion.superseded_by", version)
+
+
+def _pending_promotion(c: Any, settings: Settings, version: str, champion: str | None) -> GateDecision | None:
+    """The version's last recorded decision, if it is a promotion the alias never followed."""
+    tags = dict(c.get_model_version(settings.model_name, version).tags or {})
+    if tags.get("promotion.status") != "promoted":
+        return None
+    events = [v for k, v in tags.items() if k.startswith(EVENT_PREFIX)]
+    try:
+        last = max((json.loads(v) for v in events), key=lambda e: e.get("decided_at", ""))
+    except (ValueError, json.JSONDecodeError):
+        return None
+    if last.get("status") != "promoted" or last.get("previous_champion") != champion:
+        return None  # the champion moved since: that decision is stale, gate again
+    checks = [
+        Check(
+            name=ch.get("name", "?"),
+            passed=bool(ch.get("passed")),
+            value=ch.get("value"),
+            limit=ch.get("limit", ""),
+            detail=ch.get("detail", ""),
+        )
+        for ch in last.get("checks", [])
+    ]
+    return GateDecision(
+        model_name=settings.model_name,
+        version=version,
+        promoted=True,
+        checks=checks,
+        decided_by=last.get("decided_by", ""),
+        decided_at=last.get("decided_at", ""),
+        previous_champion=champion,
+        forced=bool(last.get("forced")),
+        metrics=last.get("metrics", {}),
+    )
+
+
+def _description_line(d: GateDecision, status: str) -> str:
+    return f"[{d.decided_at}] {status.upper()}{' (forced)' if d.forced else ''} by {d.decided_by}: {d.reason}"
+
+
+def _ensure_description(c: Any, settings: Settings, d: GateDecision) -> None:
+    mv = c.get_model_version(settings.model_name, d.version)
+    if f"[{d.decided_at}]" not in (mv.description or ""):
+        line = _description_line(d, "promoted")
+        c.update_model_version(settings.model_name, d.version, description=_append(mv.description, line))
+
+
 def _record(c: Any, settings: Settings, d: GateDecision) -> None:
+    """Write the decision to the version: status tags, the description line, then the event tag (last, so
+    that an event in the history means the rest of the record is there too)."""
     name = settings.model_name
     event = d.to_event()
     status = event["status"]
@@ -273,21 +363,15 @@ def _record(c: Any, settings: Settings, d: GateDecision) -> None:
         "promotion.checks": json.dumps(
             {ch.name: {"passed": ch.passed, "value": ch.value} for ch in d.checks}, separators=(",", ":")
         ),
-        EVENT_PREFIX + d.decided_at.replace(":", "").replace("-", "").replace("+0000", "Z"): _compact(event),
     }
     if d.promoted and d.previous_champion:
         tags["promotion.previous_champion"] = d.previous_champion
     for k, v in tags.items():
         c.set_model_version_tag(name, d.version, k, v)
     mv = c.get_model_version(name, d.version)
-    line = f"[{d.decided_at}] {status.upper()}{' (forced)' if d.forced else ''} by {d.decided_by}: {d.reason}"
-    c.update_model_version(name, d.version, description=_append(mv.description, line))
-    if d.promoted and d.previous_champion:
-        c.set_model_version_tag(name, d.previous_champion, "promotion.superseded_by", d.version)
-        c.set_model_version_tag(name, d.previous_champion, "promotion.superseded_at", d.decided_at)
-        old = c.get_model_version(name, d.previous_champion)
-        note = f"[{d.decided_at}] SUPERSEDED as champion by v{d.version}"
-        c.update_model_version(name, d.previous_champion, description=_append(old.description, note))
+    c.update_model_version(name, d.version, description=_append(mv.description, _description_line(d, status)))
+    event_key = EVENT_PREFIX + d.decided_at.replace(":", "").replace("-", "").replace("+0000", "Z")
+    c.set_model_version_tag(name, d.version, event_key, _compact(event))
 
 
 def _append(description: str | None, line: str, limit: int = 5000) -> str:
