@@ -326,14 +326,17 @@ def _list_column(table: pa.Table, name: str) -> pa.ListArray:
 
 
 def _script_groups(script_type: pa.Array) -> np.ndarray:
+    """Output mix group of each script type. A null script type (a JSON body or pandas row that left the
+    key out or sent None) counts as ``nonstandard``, the group of the schema's default for outputs
+    (``TxOutput.script_type = "nonstandard"``; an input's default ``"unknown"`` is in the same group)."""
     encoded = pc.dictionary_encode(script_type)
     if isinstance(encoded, pa.ChunkedArray):
         encoded = encoded.combine_chunks()
-    lut = np.array(
-        [_GROUP_OF.get(s, _NONSTANDARD) for s in encoded.dictionary.to_pylist()] or [_NONSTANDARD],
-        dtype=np.int64,
-    )
-    codes = pc.fill_null(encoded.indices, 0).to_numpy(zero_copy_only=False)
+    # One slot past the dictionary for nulls: filling null indices with 0 would give them the group of
+    # whichever script type happened to be seen first.
+    names = encoded.dictionary.to_pylist()
+    lut = np.array([_GROUP_OF.get(s, _NONSTANDARD) for s in names] + [_NONSTANDARD], dtype=np.int64)
+    codes = pc.fill_null(encoded.indices, len(names)).to_numpy(zero_copy_only=False)
     return lut[codes] if len(codes) else np.zeros(0, dtype=np.int64)
 
 

@@ -22,6 +22,7 @@ from btc_anomaly.features import (
     FEATURES_FULL,
     FEATURES_PREVOUT,
     FEATURES_STRUCTURAL,
+    INPUT_COLUMNS,
     SCRIPT_GROUPS,
     SPECS,
     compute_features,
@@ -184,3 +185,65 @@ def test_empty_and_missing_columns() -> None:
 
 def test_every_feature_has_a_spec() -> None:
     assert set(SPECS) == set(FEATURES_FULL)
+
+
+def _null_script_records() -> tuple[list[dict], list[dict]]:
+    """Real transactions with mixed output script types, each with one output's script type left null:
+    (records with None, the same records with the schema's default "nonstandard")."""
+    picked = [
+        r
+        for r in _records()
+        if len({o["script_type"] for o in r["outputs"]}) > 1
+        and r["outputs"][0]["script_type"] != "nonstandard"
+    ][:20]
+    assert len(picked) == 20
+    with_none, with_default = [], []
+    for r in picked:
+        a = orjson.loads(orjson.dumps(r))
+        b = orjson.loads(orjson.dumps(r))
+        a["outputs"][-1]["script_type"] = None
+        a["inputs"][0]["script_type"] = None
+        b["outputs"][-1]["script_type"] = "nonstandard"
+        b["inputs"][0]["script_type"] = "unknown"
+        with_none.append(a)
+        with_default.append(b)
+    return with_none, with_default
+
+
+def test_null_script_type_counts_as_the_schema_default() -> None:
+    """Regression: a null script type was grouped with the dictionary's first script type (e.g. legacy)."""
+    with_none, with_default = _null_script_records()
+    expected = features_from_transactions(with_default)
+    assert expected["out_share_nonstandard"].gt(0).all()
+    schema = pa.schema([arrow_schema().field(c) for c in INPUT_COLUMNS])
+    paths = {
+        "dicts": features_from_transactions(with_none),
+        "pandas": compute_features(pd.DataFrame(with_none)),
+        "arrow": compute_features(pa.Table.from_pylist(with_none, schema=schema)),
+        # a missing key reads as null too
+        "missing key": features_from_transactions(
+            [
+                dict(r, outputs=[{k: v for k, v in o.items() if v is not None} for o in r["outputs"]])
+                for r in with_none
+            ]
+        ),
+    }
+    for name, got in paths.items():
+        pd.testing.assert_frame_equal(got, expected, check_exact=True, obj=name)
+
+
+def test_null_script_type_in_a_chunked_column_and_alone() -> None:
+    with_none, with_default = _null_script_records()
+    schema = pa.schema([arrow_schema().field(c) for c in INPUT_COLUMNS])
+    chunked = pa.concat_tables(
+        [
+            pa.Table.from_pylist(with_none[:7], schema=schema),
+            pa.Table.from_pylist(with_none[7:], schema=schema),
+        ]
+    )
+    pd.testing.assert_frame_equal(compute_features(chunked), features_from_transactions(with_default))
+    only_null = orjson.loads(orjson.dumps(with_none[0]))
+    for o in only_null["outputs"]:
+        o["script_type"] = None
+    got = features_from_transactions([only_null])
+    assert got["out_share_nonstandard"].iloc[0] == 1.0
