@@ -7,16 +7,14 @@ Storage is formatted once per data folder; later starts reuse it, so topics and 
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from btc_anomaly.runtime.jars import jar_dir, java_executable
+from btc_anomaly.runtime.process import ManagedProcess
 
 _LOG4J2 = """\
 status = warn
@@ -60,7 +58,7 @@ def _cluster_id() -> str:
 
 
 @dataclass
-class KafkaBroker:
+class KafkaBroker(ManagedProcess):
     data_dir: Path
     jars_root: Path
     host: str = "127.0.0.1"
@@ -71,9 +69,21 @@ class KafkaBroker:
     console_level: str = "WARN"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
+    name = "kafka broker"
+    poll_interval_s = 0.5
+    stop_timeout_s = 30.0
+
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return self.bootstrap
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / "stdout.log"
 
     @property
     def config_path(self) -> Path:
@@ -154,51 +164,18 @@ class KafkaBroker:
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.prepare()
-        out = (self.log_dir / "stdout.log").open("ab")
-        self._proc = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.spawn()
         self.wait_ready(timeout_s)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def probe(self) -> None:
         """Ready means the broker answers a metadata request, not merely that the port is open."""
         from kafka import KafkaAdminClient  # imported late: only the producer extra ships kafka-python
 
-        deadline = time.monotonic() + timeout_s
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"kafka broker exited with {self._proc.returncode}; see {self.log_dir}")
-            try:
-                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
-                try:
-                    admin.describe_cluster()
-                    return
-                finally:
-                    admin.close()
-            except Exception as exc:  # not up yet: any client error means "try again"
-                last_error = exc
-                time.sleep(0.5)
-        raise TimeoutError(f"kafka broker not ready on {self.bootstrap} after {timeout_s}s: {last_error}")
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
         try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            admin.describe_cluster()
+        finally:
+            admin.close()
 
-    def kill(self) -> None:
-        """Hard stop (kill -9), for fault tests."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def exit_message(self, returncode: int) -> str:
+        return f"kafka broker exited with {returncode}; see {self.log_dir}"

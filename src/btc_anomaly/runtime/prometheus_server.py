@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from btc_anomaly.runtime.process import ManagedProcess, http_probe
 
 
 def find_binary(name: str = "prometheus") -> str | None:
@@ -29,7 +29,7 @@ def find_binary(name: str = "prometheus") -> str | None:
 
 
 @dataclass
-class PrometheusServer:
+class PrometheusServer(ManagedProcess):
     config_file: Path
     data_dir: Path
     host: str = "127.0.0.1"
@@ -38,9 +38,16 @@ class PrometheusServer:
     retention: str = "15d"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
+    name = "prometheus"
+    poll_interval_s = 0.2
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return self.url
 
     @property
     def log_path(self) -> Path:
@@ -62,50 +69,16 @@ class PrometheusServer:
             "--web.enable-lifecycle",
         ]
 
+    def cwd(self) -> Path:
+        return self.data_dir
+
     def start(self, timeout_s: float = 60.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.data_dir
-        )
+        self.spawn()
         self.wait_ready(timeout_s)
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        last: Exception | str | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self._proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-                    last = f"HTTP {resp.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = exc
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready on {self.url} after {timeout_s}s: {last}")
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def wait(self) -> int:
-        return self._proc.wait() if self._proc is not None else 0
+    def probe(self) -> None:
+        http_probe(f"{self.url}/-/ready")
 
     # --- HTTP API -----------------------------------------------------------------------------------
     def api(self, path: str, **params: str) -> Any:
