@@ -116,6 +116,16 @@ def malformed(good: bytes) -> list[tuple[str, bytes | None, str]]:
         ),
         ("inconsistent sum", variant(output_value=tx["output_value"] + 1), "output_value != sum"),
         ("unknown source", variant(source="carrier-pigeon"), "source not one of"),
+        # Would overflow a long when summed (Spark's ANSI mode raises on that): must not fail the batch.
+        (
+            "overflowing values",
+            variant(
+                outputs=[{**first_output, "value": 9_000_000_000_000_000_000}] * 2,
+                output_count=2,
+                output_value=9_000_000_000_000_000_000,
+            ),
+            "output_value != sum of output values",
+        ),
     ]
 
 

@@ -19,8 +19,10 @@ A record is valid when its ``errors`` array is empty. Deliberate differences fro
 * unknown fields are ignored, not rejected (tolerant reader): schema.py evolves additively without a
   version bump, so a newer producer's extra field must not quarantine every message of an older
   stream; it is also 15 % of the parse cost (a second pass over each JSON document for its keys);
-* numbers sent as JSON strings (``"5"``) are a wrong type here (the producer never sends them;
-  pydantic's lax mode would coerce); an explicit ``null`` for a defaulted field takes the default.
+* numbers or booleans sent as JSON strings (``"5"``, ``"yes"``) are a wrong type here (the producer
+  never sends them; pydantic's lax mode would coerce), while a JSON number where a string is expected
+  is taken as its text (Spark's JSON reader does so; pydantic would reject it);
+* an explicit ``null`` for a defaulted field takes the default.
 """
 
 from __future__ import annotations
@@ -214,7 +216,9 @@ def parse(kafka_df: DataFrame) -> DataFrame:
     keys = F.json_object_keys(text)
 
     def wrong_type(name: str) -> Column:
-        return F.array_contains(keys, name) & F.col(f"tx.{name}").isNull()
+        # Sent and not null in the JSON, yet null after conversion: its value had the wrong type.
+        # Cheap test first: And short-circuits, so the JSON is searched again only for null fields.
+        return F.col(f"tx.{name}").isNull() & F.get_json_object(text, f"$.{name}").isNotNull()
 
     checks: list[Check] = [
         _check(
@@ -268,20 +272,24 @@ def parse(kafka_df: DataFrame) -> DataFrame:
             detail.extend(_check(F.exists(c, pred), reason) for pred, reason in element_rules)
             out[name] = F.when(flagged, _with_defaults(c, rule.item_model)).otherwise(c)
 
-    # Transaction._consistent, in SQL.
+    # Transaction._consistent, in SQL. Spark 4 runs in ANSI mode, where an overflowing long raises and
+    # would fail the whole micro-batch: the arithmetic on untrusted values uses try_* (null on overflow).
     tx = {n: F.col(f"tx.{n}") for n in known}
     output_sum = F.aggregate(
-        tx["outputs"], F.lit(0).cast("long"), lambda acc, o: acc + F.coalesce(o["value"], F.lit(0))
+        tx["outputs"], F.lit(0).cast("long"), lambda acc, o: F.try_add(acc, F.coalesce(o["value"], F.lit(0)))
     )
     checks += [
         _check(tx["input_count"] != F.size(tx["inputs"]), "input_count != number of inputs"),
         _check(tx["output_count"] != F.size(tx["outputs"]), "output_count != number of outputs"),
-        _check(tx["output_value"] != output_sum, "output_value != sum of output values"),
+        _check(
+            tx["outputs"].isNotNull() & (output_sum.isNull() | (tx["output_value"] != output_sum)),
+            "output_value != sum of output values",
+        ),
         _check(
             tx["fee"].isNotNull()
             & tx["input_value"].isNotNull()
             & ~F.coalesce(tx["is_coinbase"], F.lit(False))
-            & (tx["fee"] != tx["input_value"] - tx["output_value"]),
+            & (tx["fee"] != F.try_subtract(tx["input_value"], tx["output_value"])),
             "fee != input_value - output_value",
         ),
     ]

@@ -10,23 +10,23 @@ filter on ``first_seen`` prunes partitions too; change data feed on, read by the
 ``quarantine``: every record that is not a valid canonical transaction, with the raw Kafka bytes, the
 reasons, and topic/partition/offset/timestamp, appended.
 
-Exactly once. Spark's Kafka source records the offsets of batch N before running it and marks it
-committed after, so after a crash the same batch N (same offsets, same data) runs again. Both writes
-are idempotent on such a replay, twice over:
+Exactly once. Spark's Kafka source writes the offsets of batch N to the checkpoint before running it
+and marks N committed after, so after a crash the same batch N (same offsets, same records) runs
+again. Every Delta commit of batch N carries Delta's transaction identifier (``txnAppId`` = streaming
+query id + table + step, the query id living in the checkpoint; ``txnVersion`` = N): Delta skips a
+write it has already committed for that app id, so a replay commits only what the crash cut off.
+Independently, the MERGEs are harmless to re-run (insert only hashes not stored; fill a null
+``block_height`` with the same value), so the transactions table could not get a duplicate even
+without the identifier; the quarantine append relies on it.
 
-1. every commit carries Delta's transaction identifier (``txnAppId`` = the streaming query's id, which
-   lives in the checkpoint; ``txnVersion`` = batch id), and Delta skips a write whose version it has
-   already committed for that app id — so a replayed batch commits nothing;
-2. independently, the MERGE itself is harmless to re-run (matched rows only ever fill a null
-   ``block_height`` with the same value), so even a lost transaction identifier cannot duplicate a row.
-
-Throughput. The MERGE is run as two Delta operations when that is cheaper (see ``merge_batch``):
-Delta turns a MERGE with only ``whenNotMatchedInsertAll`` into a left-anti join plus a plain append
-(no file rewrite); only confirmed copies of possibly stored rows need the update path.
+Throughput: see ``write_batch`` (one parse, one materialized copy per batch) and
+``merge_transactions`` (an insert-only MERGE, plus an update MERGE only when a confirmation can
+change a stored row).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import tables
-from btc_anomaly.processing.parse import ERRORS, is_valid, parse, transaction_columns
+from btc_anomaly.processing.parse import ERRORS, is_valid, transaction_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -51,6 +51,7 @@ QUARANTINE = tables.QUARANTINE
 STATS_1M = tables.STATS_1M
 STATS_5M = tables.STATS_5M
 
+SMALL_BATCH_ROWS = 20_000
 _TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
 _TXN_VERSION = "spark.databricks.delta.write.txnVersion"
 # Delta copies a MERGE source it cannot prove deterministic; ours is a locally checkpointed batch.
@@ -90,6 +91,19 @@ def _nested_nullable(data_type: Any) -> Any:
     return data_type
 
 
+TRANSACTIONS_PROPERTIES = {
+    # Read by the aggregates query: every inserted row exactly once, after dedup and MERGE.
+    "delta.enableChangeDataFeed": "true",
+    # A 1 s trigger adds a small file per batch; Delta compacts a partition's small files once there
+    # are enough of them, right after a commit.
+    "delta.autoOptimize.autoCompact": "true",
+    # Writing a log checkpoint adds ~1 s to the batch that triggers it: every 10th batch (the default)
+    # put the 1 s-trigger latency p95 over 3 s. Replaying up to 50 small JSON commits instead costs a
+    # few ms per snapshot.
+    "delta.checkpointInterval": "50",
+}
+
+
 def spark_type(schema: pa.Schema) -> Any:
     from pyspark.sql.pandas.types import from_arrow_schema
 
@@ -109,14 +123,16 @@ def ensure_tables(spark: SparkSession, lake: Lake) -> None:
         else:
             # Delta enforces top-level NOT NULL but rejects it inside arrays; parse.py checks those.
             builder = builder.addColumn(f.name, _nested_nullable(f.dataType), nullable=f.nullable)
-    (
-        builder.partitionedBy(*tables.PARTITION_COLUMNS[TRANSACTIONS])
-        .property("delta.enableChangeDataFeed", "true")
-        # A 1 s trigger adds a small file per batch; Delta compacts a partition's small files once
-        # there are enough of them, right after a commit.
-        .property("delta.autoOptimize.autoCompact", "true")
-        .execute()
-    )
+    builder = builder.partitionedBy(*tables.PARTITION_COLUMNS[TRANSACTIONS])
+    for key, value in TRANSACTIONS_PROPERTIES.items():
+        builder = builder.property(key, value)
+    builder.execute()
+    # A lake created by an older version gets today's properties (one commit, only when they differ).
+    current = DeltaTable.forPath(spark, lake.table(TRANSACTIONS)).detail().first()["properties"] or {}
+    changed = {k: v for k, v in TRANSACTIONS_PROPERTIES.items() if current.get(k) != v}
+    if changed:
+        assignments = ", ".join(f"'{k}' = '{v}'" for k, v in changed.items())
+        spark.sql(f"ALTER TABLE delta.`{lake.table(TRANSACTIONS)}` SET TBLPROPERTIES ({assignments})")
     for name in (QUARANTINE, STATS_1M, STATS_5M):
         builder = DeltaTable.createIfNotExists(spark).location(lake.table(name))
         for f in spark_type(tables.SCHEMAS[name]()).fields:
@@ -217,7 +233,7 @@ def _merge(spark: SparkSession, build: Any, path: str, app_id: str, batch_id: in
     return {k: int(v or 0) for k, v in row.asDict().items()} if row is not None else {}
 
 
-def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame) -> bool:
+def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame, scope: str) -> bool:
     """Is any confirmed hash of the batch stored without a block height?
 
     When not, the update MERGE (a second Delta transaction, with its fixed cost) is skipped. Delta's
@@ -226,7 +242,9 @@ def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame)
     """
     from pyspark.sql import functions as F
 
-    unconfirmed = spark.read.format("delta").load(path).where("block_height IS NULL").select("hash")
+    unconfirmed = (
+        spark.read.format("delta").load(path).where(f"block_height IS NULL AND {scope}").select("hash")
+    )
     if unconfirmed.isEmpty():
         return False
     return not unconfirmed.join(F.broadcast(confirmed.select("hash")), "hash", "left_semi").isEmpty()
@@ -239,6 +257,7 @@ def merge_transactions(
     batch_id: int,
     result: BatchResult | None = None,
     any_confirmed: bool = True,
+    since: dt.date | None = None,
 ) -> BatchResult:
     """MERGE deduplicated rows into ``transactions`` by hash; returns (inserted, updated) rows.
 
@@ -255,18 +274,24 @@ def merge_transactions(
     Updates go first so a row inserted by (2) is never matched by (1) of the same batch (it already
     carries the batch's best block height). Each has its own transaction identifier, so a crash
     between the two replays only the missing one.
+
+    ``since``: only date partitions from this day on are searched for stored copies (partition
+    pruning: the cost of a MERGE no longer grows with the whole table); None searches everything.
     """
     spark = source.sparkSession
+    scope = f"t.date >= DATE'{since.isoformat()}'" if since is not None else "TRUE"
     result = result if result is not None else BatchResult()
     confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
     with result.phase("update_check"):
-        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed)
+        to_update = any_confirmed and _has_unconfirmed_match(
+            spark, path, confirmed, scope.replace("t.date", "date")
+        )
     if to_update:
         with result.phase("update_merge"):
             m = _merge(
                 spark,
                 lambda t: t.merge(
-                    confirmed.alias("s"), "t.hash = s.hash AND t.block_height IS NULL"
+                    confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {scope}"
                 ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
                 path,
                 f"{app_id}:update",
@@ -277,7 +302,7 @@ def merge_transactions(
     with result.phase("insert_merge"):
         m = _merge(
             spark,
-            lambda t: t.merge(source.alias("s"), "t.hash = s.hash").whenNotMatchedInsert(
+            lambda t: t.merge(source.alias("s"), f"t.hash = s.hash AND {scope}").whenNotMatchedInsert(
                 values={c: f"s.{c}" for c in columns}
             ),
             path,
@@ -304,8 +329,10 @@ def quarantine_frame(parsed: DataFrame) -> DataFrame:
     )
 
 
-def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> BatchResult:
-    """Write one micro-batch of Kafka records: dedup + MERGE into transactions, invalid ones to quarantine.
+def write_batch(
+    parsed: DataFrame, lake: Lake, batch_id: int, app_id: str, lookback_days: int = 0
+) -> BatchResult:
+    """Write one micro-batch (Kafka records through ``parse.parse``): dedup + MERGE, quarantine the rest.
 
     The batch is read from Kafka and parsed once, and kept (a local checkpoint, serialized rows) with
     the raw bytes of invalid records only; on the way, invalid and confirmed rows are counted. Every
@@ -313,6 +340,10 @@ def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> Bat
     the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
     see bench/RESULTS.md), so it beats parsing twice; it also lets Delta skip its own copy of the
     MERGE source (see _merge).
+
+    The parse belongs to the streaming query's plan, not to this function: built and analyzed once
+    at query start instead of once per micro-batch (building its few hundred expressions through
+    py4j takes most of a second).
     """
     from pyspark import StorageLevel
     from pyspark.sql import Observation
@@ -321,7 +352,6 @@ def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> Bat
     result = BatchResult()
     counts = Observation(f"batch-{batch_id}")
     with result.phase("stage"):
-        parsed = parse(batch)
         valid_flag = is_valid()
         staged = (
             parsed.select(
@@ -334,7 +364,12 @@ def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> Bat
             .observe(
                 counts,
                 F.count(F.when(~valid_flag, True)).alias("invalid"),
+                F.count(F.when(valid_flag, True)).alias("valid"),
                 F.count(F.when(valid_flag & F.col("block_height").isNotNull(), True)).alias("confirmed"),
+                F.min(F.when(valid_flag, F.to_date("first_seen"))).alias("oldest"),
+                # Distinct valid hashes, counted in the same pass (no job of its own): when it equals
+                # the valid rows, the batch holds no duplicate and the dedup step is skipped.
+                F.size(F.collect_set(F.when(valid_flag, F.col("hash")))).alias("distinct"),
             )
             .localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         )
@@ -342,15 +377,24 @@ def write_batch(batch: DataFrame, lake: Lake, batch_id: int, app_id: str) -> Bat
     try:
         result.quarantined = int(observed["invalid"])
         valid = staged.where(is_valid())
-        source = dedup_batch(valid, dedup_winners(valid)).select(*transaction_columns(), "ingested_at")
-        merge_transactions(
-            source,
-            lake.table(TRANSACTIONS),
-            f"{app_id}:{TRANSACTIONS}",
-            batch_id,
-            result,
-            any_confirmed=int(observed["confirmed"]) > 0,
-        )
+        if int(observed["valid"]):  # an idle trigger commits nothing (no empty Delta versions)
+            if int(observed["distinct"]) != int(observed["valid"]):
+                with result.phase("dedup"):
+                    valid = dedup_batch(valid, dedup_winners(valid))
+            source = valid.select(*transaction_columns(), "ingested_at")
+            if int(observed["valid"]) < SMALL_BATCH_ROWS:
+                source = source.coalesce(1)  # one file per small batch, not one per Kafka partition
+            oldest = observed["oldest"]
+            since = oldest - dt.timedelta(days=lookback_days) if lookback_days and oldest else None
+            merge_transactions(
+                source,
+                lake.table(TRANSACTIONS),
+                f"{app_id}:{TRANSACTIONS}",
+                batch_id,
+                result,
+                any_confirmed=int(observed["confirmed"]) > 0,
+                since=since,
+            )
         if result.quarantined:
             with result.phase("quarantine"):
                 (

@@ -49,9 +49,6 @@ def session_conf(settings: Settings) -> dict[str, str]:
         # Delta rebuilds its file list after each commit with a shuffle into this many partitions
         # (default 50); the list is small (compacted files), one task is the quickest.
         "spark.databricks.delta.snapshotPartitions": "1",
-        # The stream writes one commit per micro-batch; a checkpoint every 10 commits (default) keeps
-        # snapshot reconstruction cheap for delta-rs readers too.
-        "spark.databricks.delta.checkpointInterval": "10",
         # MERGE would shuffle its output by the partition column first: with one date partition per
         # batch that funnels every row into one write task. Files per batch stay bounded by the
         # source partitions (and are compacted), writes use every core.
