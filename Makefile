@@ -9,12 +9,30 @@ JARS ?= .jars
 MVN := mvn -q -B -s jvm/settings.xml -f jvm/pom.xml
 PYTEST_ARGS ?=
 # Component extras, each pinned into requirements/<extra>.txt by `make requirements`.
-EXTRAS := producer spark model api dashboard
+EXTRAS := producer spark model api dashboard stream api-postgres
 # Java + Maven for the JVM jars, Prometheus + Alertmanager (promtool, amtool) for the observability tests,
 # Chromium + chromedriver for the dashboard browser tests, wrk as the API benchmark's load generator.
 APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver wrk
 
-.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean
+.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean \
+	demo smoke-compose
+
+# `make demo`: replay speed of the bundled sample (N x real time; a block every 600/N s), or SOURCE=ws for
+# the live Blockchain.com feed. State (Kafka, lake, MLflow, Prometheus) goes to DEMO_STATE (git-ignored).
+SPEED ?= 20
+SOURCE ?= replay
+DEMO_STATE ?= $(CURDIR)/var/demo
+DEMO_PROCS := kafka mlflow producer stream trainer api dashboard
+# honcho loads this into every process (over the environment); tests pass /dev/null to isolate themselves.
+DEMO_ENV_FILE ?= .env
+ifeq ($(SOURCE),ws)
+DEMO_PRODUCE_ARGS := --source ws
+else
+DEMO_PRODUCE_ARGS := --source replay --loop --speed $(SPEED)
+endif
+# honcho SIGKILLs whatever has not stopped 5 s after Ctrl-C; the broker and MLflow need longer to shut
+# down their own children (JVM, workers), so the demo raises that grace period.
+HONCHO := $(BIN)/python -c 'import sys, honcho.command, honcho.manager; honcho.manager.KILL_WAIT = 30; sys.exit(honcho.command.main())'
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -76,6 +94,17 @@ requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyP
 	# An extra that depends on another (api -> btc-anomaly[model]) makes pip-compile pin the project itself
 	# by its local path; the project is installed separately (`pip install -e .` / the image's COPY).
 	sed -i '/^btc-anomaly @ file:/d' requirements/*.txt
+
+demo: setup  ## the whole stack locally, no Docker: replay of the bundled sample (SPEED=20) or SOURCE=ws
+	@procs="$(DEMO_PROCS)"; \
+	if command -v prometheus >/dev/null; then procs="$$procs prometheus"; \
+	else echo "demo: Debian's prometheus is not installed (make setup installs it as root with apt): running without Prometheus"; fi; \
+	echo "demo: dashboard http://127.0.0.1:$${BTC_ANOMALY_DASHBOARD_PORT:-8050}  API http://127.0.0.1:$${BTC_ANOMALY_API_PORT:-5001}/docs  state in $(DEMO_STATE)  (Ctrl-C stops everything)"; \
+	BTC_ANOMALY_STATE_DIR=$(DEMO_STATE) DEMO_PRODUCE_ARGS="$(DEMO_PRODUCE_ARGS)" PATH="$(CURDIR)/$(BIN):$$PATH" \
+	  $(HONCHO) start -f Procfile -e $(DEMO_ENV_FILE) $$procs
+
+smoke-compose:  ## build and run docker-compose.yml for real here (own dockerd, stand-in images), then tear down
+	bash scripts/smoke_compose.sh
 
 clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
 	rm -rf var
