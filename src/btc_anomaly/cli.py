@@ -132,9 +132,9 @@ def produce(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     if s.producer_metrics_port:
-        from prometheus_client import start_http_server
+        from btc_anomaly.monitoring.exposition import serve_metrics
 
-        start_http_server(s.producer_metrics_port)
+        serve_metrics(s.producer_metrics_port, "btc_producer_")
     stats = run_producer(
         s, chosen, paths=paths, speed=speed, loop=loop, limit=limit, prevouts=prevouts, stop=stop
     )

@@ -235,3 +235,74 @@ def test_env_example_documents_the_grafana_password() -> None:
     assert "GF_SECURITY_ADMIN_PASSWORD=" in text
     line = next(x for x in text.splitlines() if x.startswith("GF_SECURITY_ADMIN_PASSWORD="))
     assert line == "GF_SECURITY_ADMIN_PASSWORD=", "no default admin password may be committed"
+
+
+# --- exposition: pre-created series, one service's families per /metrics ---------------------------------
+
+# Labelled counters whose label values cannot be known in advance (route x status); the first scrape of
+# /metrics creates a btc_api_requests series anyway.
+OPEN_LABELS = {"btc_api_requests"}
+
+
+def _queried_names() -> set[str]:
+    queries = [
+        *promql.dashboard_queries(GRAFANA / "dashboards"),
+        *promql.rule_queries(PROM_DIR / "alerts.yml"),
+    ]
+    return {n for q in queries for n in promql.metric_names(q.expr)}
+
+
+def test_every_queried_labelled_counter_exists_before_its_first_event() -> None:
+    """PromQL over a labelled counter returns nothing until a labelled series exists: each counter a rule
+    or panel reads has its label sets created at 0 when monitoring/metrics.py is imported."""
+    from prometheus_client import REGISTRY
+
+    queried = _queried_names()
+    samples = {(s.name, tuple(sorted(s.labels.items()))) for fam in REGISTRY.collect() for s in fam.samples}
+    names = {name for name, _ in samples}
+    missing = []
+    for doc in catalogue():
+        if doc.type != "counter" or not doc.labels or doc.name in OPEN_LABELS:
+            continue
+        if doc.query_name in queried and doc.query_name not in names:
+            missing.append(doc.query_name)
+    assert not missing, f"labelled counters read by rules/panels with no series before an event: {missing}"
+    for query in metrics.STREAM_QUERIES:
+        assert ("btc_stream_query_failures_total", (("query", query),)) in samples
+
+
+def test_stream_query_names_are_the_streams() -> None:
+    stream = pytest.importorskip("btc_anomaly.processing.stream")
+    scoring = pytest.importorskip("btc_anomaly.processing.scoring_query")
+    assert set(metrics.STREAM_QUERIES) == {stream.TX_QUERY, stream.STATS_QUERY, scoring.SCORING_QUERY}
+
+
+def test_each_service_exposes_only_its_families() -> None:
+    from btc_anomaly.api.telemetry import render_metrics
+    from btc_anomaly.monitoring.exposition import render
+
+    def families(text: bytes) -> set[str]:
+        return {
+            line.split()[2].split("_")[1]
+            for line in text.decode().splitlines()
+            if line.startswith("# TYPE btc_")
+        }
+
+    assert families(render("btc_dashboard_")[0]) == {"dashboard"}
+    assert families(render("btc_producer_")[0]) == {"producer"}
+    assert families(render("btc_stream_", "btc_notifier_")[0]) == {"stream", "notifier"}
+    assert families(render_metrics()[0]) == {"api", "notifier"}
+    assert b"process_" in render("btc_trainer_")[0] or b"python_" in render("btc_trainer_")[0]
+
+
+def test_services_serve_metrics_through_exposition() -> None:
+    """No service starts prometheus_client's server or renders the whole registry itself."""
+    src = PROJECT_ROOT / "src" / "btc_anomaly"
+    offenders = []
+    for path in src.rglob("*.py"):
+        if path.parent.name == "monitoring" and path.name == "exposition.py":
+            continue
+        text = path.read_text()
+        if "start_http_server(" in text or "generate_latest()" in text:
+            offenders.append(str(path.relative_to(src)))
+    assert not offenders, f"use monitoring.exposition.serve_metrics/render: {offenders}"

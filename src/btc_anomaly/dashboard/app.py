@@ -58,13 +58,14 @@ def create_app(settings: Settings | None = None, state: DashboardState | None = 
 
 
 def _routes(app: Dash) -> None:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from btc_anomaly.monitoring.exposition import render
 
     server = app.server
 
     @server.route("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        body, content_type = render("btc_dashboard_")  # not the other services' series at 0
+        return Response(body, mimetype=content_type)
 
     @server.route("/healthz")
     def healthz() -> Response:

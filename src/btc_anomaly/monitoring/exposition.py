@@ -3,7 +3,11 @@
 ``monitoring/metrics.py`` registers every service's metrics in one default registry, so a plain
 ``start_http_server`` would also export the other services' unlabelled gauges, at 0 (a trainer would
 report ``btc_producer_last_publish_timestamp_seconds 0``). This serves only the families whose names
-start with the given prefixes, plus the process/runtime collectors.
+start with the given prefixes, plus the process/runtime collectors. Every service exposes its metrics
+through here: ``serve_metrics`` for the ones with their own metrics port (producer ``btc_producer_``,
+stream ``btc_stream_`` + ``btc_notifier_``, trainer ``btc_trainer_``), ``render`` for the ones that answer
+/metrics on their own HTTP server (dashboard ``btc_dashboard_``; the API has its multiprocess-aware
+variant in ``api/telemetry.py``, ``btc_api_`` + ``btc_notifier_``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+)
 
 RUNTIME_PREFIXES = ("process_", "python_")
 
@@ -42,3 +52,8 @@ def serve_metrics(port: int, *prefixes: str, addr: str = "0.0.0.0") -> Any:
         return None
     server, _thread = start_http_server(port, addr=addr, registry=filtered_registry(*prefixes))
     return server
+
+
+def render(*prefixes: str) -> tuple[bytes, str]:
+    """(body, content type) of a /metrics answer with only ``prefixes`` (plus the runtime collectors)."""
+    return generate_latest(filtered_registry(*prefixes)), CONTENT_TYPE_LATEST

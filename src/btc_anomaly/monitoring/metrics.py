@@ -357,3 +357,36 @@ for _reason in NOTIFIER_DROP_REASONS:
     NOTIFIER_DROPPED.labels(reason=_reason)
 for _reason in NOTIFIER_FAILURE_REASONS:
     NOTIFIER_FAILURES.labels(reason=_reason)
+
+# --- label sets known in advance ----------------------------------------------------------------------
+# Every labelled counter an alert rule or Grafana panel reads is created at 0 for each label value known
+# in advance (above for errors, callbacks, trainer and notifier; here the rest), so that rate() and
+# increase() return 0 before the first event instead of no data (an empty panel, an alert that cannot
+# evaluate). tests/unit/test_monitoring_config.py checks that no such counter is left out.
+# API_REQUESTS is the exception: its route x status values are open-ended, and the first scrape of
+# /metrics creates a series.
+
+PRODUCER_SOURCES = ("rest", "ws", "replay", "block")  # ingestion/: the producer's sources
+STREAM_QUERIES = ("transactions", "tx_stats", "scoring")  # processing/: the stream's query names
+PREDICTION_LABELS = ("anomaly", "normal")
+MODEL_KINDS = ("full", "structural")
+API_RELOAD_RESULTS = ("success", "failure")
+API_RAW_RESULTS = ("scored", "invalid")
+API_PREVOUT_RESULTS = ("fetched", "cached", "not_found", "failed", "skipped")
+
+for _source in PRODUCER_SOURCES:
+    PRODUCER_FETCHED.labels(source=_source)
+    PRODUCER_DLQ.labels(source=_source)
+for _query in STREAM_QUERIES:
+    STREAM_INPUT_ROWS.labels(query=_query)
+    STREAM_LATE_ROWS.labels(query=_query)
+    STREAM_QUERY_FAILURES.labels(query=_query)
+for _label in PREDICTION_LABELS:
+    for _model_kind in MODEL_KINDS:
+        API_PREDICTIONS.labels(label=_label, model_kind=_model_kind)
+for _result in API_RELOAD_RESULTS:
+    API_MODEL_RELOADS.labels(result=_result)
+for _result in API_RAW_RESULTS:
+    API_RAW_ITEMS.labels(result=_result)
+for _result in API_PREVOUT_RESULTS:
+    API_PREVOUT_LOOKUPS.labels(result=_result)

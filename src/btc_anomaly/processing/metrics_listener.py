@@ -82,8 +82,9 @@ def install_listener(spark: SparkSession, port: int) -> PrometheusListener:
     listener = PrometheusListener()
     spark.streams.addListener(listener)
     if port:
-        from prometheus_client import start_http_server
+        from btc_anomaly.monitoring.exposition import serve_metrics
 
-        start_http_server(port)
+        # The stream's families and the notifier's (the scoring query notifies anomalies).
+        serve_metrics(port, "btc_stream_", "btc_notifier_")
         log.info("stream metrics on :%d/metrics", port)
     return listener
