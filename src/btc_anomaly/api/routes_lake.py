@@ -1,4 +1,6 @@
-"""GET /anomalies and GET /transactions/{hash}: what the stream scored, from the ``scored_transactions`` table.
+"""GET /anomalies, /transactions/{hash}, /addresses/{address} and /rules: what the stream scored and why.
+
+Reads ``scored_transactions`` (and ``transactions`` for addresses) JVM-free through ``lake.py``.
 
 No ``from __future__ import annotations`` here: the ``limit`` bound comes from Settings inside ``router()``,
 and FastAPI can only evaluate such an annotation when it is a real object.
@@ -13,10 +15,14 @@ from starlette.responses import Response
 from btc_anomaly.api.context import context
 from btc_anomaly.api.errors import ApiError, json_response
 from btc_anomaly.api.lake import LakeUnavailable
-from btc_anomaly.api.schemas import AnomalyPage, ErrorDetail, ScoredRow
+from btc_anomaly.api.schemas import AddressReport, AnomalyPage, ErrorDetail, ScoredRow, Severity
 from btc_anomaly.config import Settings
+from btc_anomaly.detectors import rules as detector_rules
+from btc_anomaly.detectors.watchlist import load_watchlist
 
 HASH_PATTERN = r"^[0-9a-fA-F]{64}$"
+# Base58 (legacy, P2SH) and bech32/bech32m addresses: letters and digits only, bounded length.
+ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
 
 
 def router(settings: Settings) -> APIRouter:
@@ -30,7 +36,9 @@ def router(settings: Settings) -> APIRouter:
         summary="Scored anomalies, highest score first",
         description="Transactions the stream flagged (`is_anomaly`), newest scoring per transaction, with "
         "`first_seen` in [since, until) (UTC when no offset is given) and `anomaly_score >= min_score`, "
-        "ordered by score descending (then hash). An empty list while the stream has not written the table yet.",
+        "ordered by score descending (then hash). With `severity`, `rule` or `watchlist`, every transaction "
+        "matching them (flagged by the forest or not) ordered by `risk_score` instead. An empty list while the "
+        "stream has not written the table yet.",
     )
     def anomalies(
         request: Request,
@@ -38,10 +46,21 @@ def router(settings: Settings) -> APIRouter:
         until: Annotated[dt.datetime | None, Query(description="first_seen upper bound (exclusive).")] = None,
         min_score: Annotated[float, Query(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0,
         limit: Annotated[int, Query(ge=1, le=settings.api_anomalies_max_limit)] = 100,
+        severity: Annotated[
+            list[Severity] | None, Query(description="Only these severities (repeat for several).")
+        ] = None,
+        rule: Annotated[
+            str | None, Query(max_length=64, description="Only transactions this rule fired on (GET /rules).")
+        ] = None,
+        watchlist: Annotated[
+            str | None, Query(max_length=64, description="Only transactions that hit this watchlist.")
+        ] = None,
     ) -> Response:
         lake = context(request).lake
         try:
-            items = lake.anomalies(since, until, min_score, limit)
+            items = lake.anomalies(
+                since, until, min_score, limit, severity=severity, rule=rule, watchlist=watchlist
+            )
         except LakeUnavailable as exc:
             raise ApiError(503, str(exc)) from None
         return json_response({"count": len(items), "items": items, "table": str(lake.path)})
@@ -69,5 +88,34 @@ def router(settings: Settings) -> APIRouter:
         if row is None:
             raise ApiError(404, f"transaction {tx_hash.lower()} has not been scored")
         return json_response(row)
+
+    @r.get(
+        "/addresses/{address}",
+        response_model=AddressReport,
+        responses={503: {"model": ErrorDetail, "description": "The lake cannot be read."}},
+        summary="An address's transactions, watchlist entries and highest risk",
+        description="Transactions of the `transactions` table that spend from or pay the address (first_seen in "
+        "[since, until); the whole table when not given, which reads every transaction's addresses), newest "
+        "first, each with its latest scoring (risk score, severity, rule and watchlist hits) from "
+        "`scored_transactions`; the watchlists that name the address; the highest-risk transaction.",
+    )
+    def address(
+        request: Request,
+        address: Annotated[str, Path(pattern=ADDRESS_PATTERN, description="A Bitcoin address.")],
+        since: Annotated[dt.datetime | None, Query(description="first_seen lower bound (inclusive).")] = None,
+        until: Annotated[dt.datetime | None, Query(description="first_seen upper bound (exclusive).")] = None,
+        limit: Annotated[int, Query(ge=1, le=settings.api_anomalies_max_limit)] = 100,
+    ) -> Response:
+        lake = context(request).lake
+        try:
+            report = lake.address(address, since, until, limit)
+        except LakeUnavailable as exc:
+            raise ApiError(503, str(exc)) from None
+        return json_response(report)
+
+    @r.get("/rules", summary="The detector rules and the loaded watchlists")
+    def rules_catalogue() -> Response:
+        wl = load_watchlist(settings.watchlist_dir)
+        return json_response({"rules": detector_rules.describe(), "watchlists": wl.lists})
 
     return r

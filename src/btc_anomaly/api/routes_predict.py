@@ -15,7 +15,9 @@ from btc_anomaly.api.body import read_body
 from btc_anomaly.api.context import ApiContext, context
 from btc_anomaly.api.errors import ApiError, json_response
 from btc_anomaly.api.model_holder import Served
+from btc_anomaly.api.risk import add_risk
 from btc_anomaly.api.schemas import (
+    RISK_DOC,
     SCORE_DOC,
     SUMMARY_SCORING,
     ErrorDetail,
@@ -74,7 +76,8 @@ async def _score(
     ctx: ApiContext, served: Served, items: list[Any], threshold: float | None, explain: ExplainMode
 ) -> list[dict[str, Any]]:
     """Small jobs are coalesced with concurrent ones on the event loop (batcher.py); big ones run in the
-    thread pool so that single requests keep flowing meanwhile."""
+    thread pool so that single requests keep flowing meanwhile. Each prediction gets its risk score
+    (api/risk.py)."""
     if (ios := inference.count_ios(items)) > ctx.settings.api_max_batch_ios:
         raise ApiError(
             413,
@@ -83,9 +86,13 @@ async def _score(
     job = inference.Job(items, threshold, explain)
     try:
         if len(items) <= INLINE_MAX:
-            return await ctx.coalescer.submit(served, job)
+            out = await ctx.coalescer.submit(served, job)
+            add_risk(served, items, out, ctx.settings)
+            return out
         run = partial(inference.predict_jobs, served, [job], top_k=ctx.settings.explain_top_k)
-        return (await run_in_threadpool(run))[0]
+        out = (await run_in_threadpool(run))[0]
+        await run_in_threadpool(add_risk, served, items, out, ctx.settings)
+        return out
     except inference.BatchTooLarge as exc:
         raise ApiError(413, str(exc)) from None
 
@@ -101,7 +108,7 @@ def router() -> APIRouter:
         summary="Score one transaction or a batch",
         description="Send one transaction (object) or up to `BTC_ANOMALY_API_MAX_BATCH` (array): the canonical "
         "transaction or the original 8-field body, mixed freely. The response mirrors the request: an object "
-        "for an object, an array in the same order for an array.\n" + SCORE_DOC + SUMMARY_SCORING,
+        "for an object, an array in the same order for an array.\n" + SCORE_DOC + SUMMARY_SCORING + RISK_DOC,
     )
     async def predict(
         request: Request, threshold: ThresholdQuery = None, explain: ExplainQuery = "auto"
@@ -124,7 +131,9 @@ def router() -> APIRouter:
         "with Blockchain.com `/rawtx/{parent}` when `resolve_prevouts` (default `BTC_ANOMALY_API_RESOLVE_PREVOUTS`) "
         "and the source answers within `BTC_ANOMALY_API_PREVOUT_TIMEOUT_S`; with every prevout known the full "
         "forest scores the transaction, otherwise the structural one, and `missing_features` / `prevouts` say "
-        "what was missing and why. Coinbases have no prevouts and are always structural.\n" + SCORE_DOC,
+        "what was missing and why. Coinbases have no prevouts and are always structural.\n"
+        + SCORE_DOC
+        + RISK_DOC,
     )
     async def predict_raw(
         request: Request,

@@ -168,7 +168,35 @@ class Reason(BaseModel):
     imputed: bool = Field(description="True when the value was not in the request but imputed (median).")
 
 
-class Prediction(BaseModel):
+Severity = Literal["low", "medium", "high", "severe"]
+
+
+class WatchlistHit(BaseModel):
+    list: str = Field(description="Watchlist name (data/labels/watchlists.yaml).")
+    category: str = Field(description="What the list says the address is: sanctions, ransomware, ...")
+    address: str
+    label: str | None = Field(description="The list's label of the address (e.g. a ransomware family).")
+    side: Literal["input", "output"] = Field(description="input: the tx spends from it; output: pays it.")
+
+
+class RiskSignal(BaseModel):
+    signal: str = Field(description="forest, mahalanobis, rule:<id> or watchlist:<list>.")
+    points: float = Field(description="The risk score this signal alone would give (0-100).")
+    detail: str
+
+
+class RiskFields(BaseModel):
+    risk_score: float = Field(ge=0, le=100, description="0-100 combined risk; see the risk section.")
+    severity: Severity = Field(description="low < 25 <= medium < 50 <= high < 75 <= severe.")
+    signals: list[str] = Field(description="The signals that raised the risk score.")
+    rule_hits: list[str] = Field(description="Ids of the rules that fired (GET /rules lists them).")
+    watchlist_hits: list[WatchlistHit]
+    mahalanobis: float | None = Field(
+        description="Mahalanobis distance of the features from the training mean; null when absent."
+    )
+
+
+class Prediction(RiskFields):
     hash: str
     anomaly_score: float = Field(ge=0, le=1, description="Higher = more anomalous; see the API description.")
     is_anomaly: bool
@@ -183,6 +211,11 @@ class Prediction(BaseModel):
         "(8-field body) or unknown without prevouts (then the structural forest scored the transaction)."
     )
     model: ModelRef
+    risk_detail: list[RiskSignal] = Field(description="Each contributing signal with its points and why.")
+    absent_signals: list[str] = Field(
+        description="Signals that could not be computed: mahalanobis (model trained before it was stored, or "
+        "an 8-field body), watchlists and output_rules (8-field bodies have no addresses or outputs)."
+    )
 
 
 class PrevoutLookup(BaseModel):
@@ -243,6 +276,48 @@ class ScoredRow(BaseModel):
     model_name: str
     model_version: str
     scored_at: str
+    # Rows written before the detectors existed lack these.
+    risk_score: float | None = None
+    severity: Severity | None = None
+    signals: list[str] | None = None
+    rule_hits: list[str] | None = None
+    watchlist_hits: list[WatchlistHit] | None = None
+    mahalanobis: float | None = None
+
+
+class AddressTransaction(BaseModel):
+    hash: str
+    first_seen: str | None
+    side: Literal["input", "output", "both"] = Field(
+        description="Whether the address spends, receives or both."
+    )
+    value: int | None = Field(description="Sat the address sends (inputs) or receives (outputs) in this tx.")
+    block_height: int | None
+    scored: bool = Field(description="Whether scored_transactions holds a scoring of the transaction.")
+    anomaly_score: float | None
+    risk_score: float | None
+    severity: Severity | None
+    rule_hits: list[str] | None
+    watchlist_hits: list[WatchlistHit] | None
+
+
+class ListedAs(BaseModel):
+    list: str
+    category: str
+    label: str | None
+
+
+class AddressReport(BaseModel):
+    address: str
+    watchlists: list[ListedAs] = Field(description="The lists that name this address itself.")
+    transactions: list[AddressTransaction] = Field(description="Newest first, at most `limit`.")
+    count: int = Field(description="Transactions touching the address in the range read.")
+    truncated: bool
+    highest_risk: AddressTransaction | None = Field(
+        description="The scored transaction with the highest risk."
+    )
+    rule_hits: dict[str, int] = Field(description="Rule id → how many of its transactions it fired on.")
+    tables: dict[str, str]
 
 
 class AnomalyPage(BaseModel):
@@ -323,6 +398,17 @@ concentration, dust and round amounts, output script mix, address reuse, RBF, lo
 the structural forest scores it.
 """
 
+RISK_DOC = """
+**Risk.** Besides the forest, every transaction gets a 0-100 `risk_score` and a `severity` from all
+per-transaction signals, combined like independent evidence (`risk = 100 (1 - prod(1 - p_i))`): the forest
+(`0.35` per unit of `(score - 0.5) / (threshold - 0.5)`, at most `0.70`), the Mahalanobis distance of the
+features from the training window (up to `0.40` between the training 99th and 99.9th percentiles), each rule
+that fires (`rule_hits`, weights 0.05-0.30) and each listed address the transaction spends from or pays
+(`watchlist_hits`; sanctions 0.90, ransomware 0.75, hacks and scams 0.60, mixers 0.50, ...).
+`low < 25 <= medium < 50 <= high < 75 <= severe`. `risk_detail` gives each contributing signal's points and
+reason; `absent_signals` names what could not be computed.
+"""
+
 API_DESCRIPTION = (
     """
 Real-time Bitcoin transaction anomaly detection: scores transactions with the MLflow registry's `champion`
@@ -345,4 +431,5 @@ endpoint is disabled → 403.
 """
     + SCORE_DOC
     + SUMMARY_SCORING
+    + RISK_DOC
 )
