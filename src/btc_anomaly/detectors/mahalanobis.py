@@ -54,7 +54,8 @@ class MahalanobisModel:
 
     def distance(self, X: np.ndarray) -> np.ndarray:
         diff = np.asarray(X, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", diff, self.precision, diff), 0.0))
+        # (diff @ P) row-wise dot diff: one BLAS product; einsum's three-operand form is ~10x slower.
+        return np.sqrt(np.maximum(((diff @ self.precision) * diff).sum(axis=1), 0.0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
