@@ -1,26 +1,46 @@
 #!/bin/sh
-# docker-compose's trainer-init job: the stack's first training. It runs before any data may have reached
-# the lake, so it retries until a run has produced a champion (the promotion gate refuses a model trained
-# on too few rows), then exits 0 -- the API and the scheduled trainer wait for that exit.
+# The stack's first training: docker-compose's trainer-init job, and the Procfile's trainer before it
+# starts `train --every`. It starts before any data may have reached the lake, so it waits until the
+# transactions table holds the rows the promotion gate asks for, then trains until a run has produced a
+# champion, and exits 0 -- the API and the scheduled trainer wait for that.
 set -u
 retry_s=${FIRST_TRAINING_RETRY_S:-20}
-while :; do
-  if btc-anomaly train --by first-training; then
-    if python - <<'PY'
+# Rows in the table vs the gate's minimum; exit 0 when there are enough (prints the count either way).
+enough_rows() {
+  python - <<'PY'
+import sys
+
+from btc_anomaly.config import get_settings
+
+s = get_settings()
+table = s.model_train_table or s.lake_table("transactions")
+try:
+    from deltalake import DeltaTable
+
+    rows = DeltaTable(str(table)).to_pyarrow_dataset().count_rows()
+except Exception:
+    rows = 0
+print(f"first-training: {rows} rows in {table} (gate minimum {s.gate_min_train_rows})")
+sys.exit(0 if rows >= s.gate_min_train_rows else 1)
+PY
+}
+has_champion() {
+  python - <<'PY'
 from mlflow import MlflowClient
 
 from btc_anomaly.config import get_settings
 
 s = get_settings()
 v = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.model_name, "champion")
-print(f"champion: {s.model_name} version {v.version}")
+print(f"first-training: champion is {s.model_name} version {v.version}")
 PY
-    then
+}
+while :; do
+  if enough_rows; then
+    if btc-anomaly train --by first-training && has_champion; then
       exit 0
     fi
-    echo "first-training: no champion yet (too few rows in the lake?); retrying in ${retry_s}s"
-  else
-    echo "first-training: training failed (no data in the lake yet?); retrying in ${retry_s}s"
+    echo "first-training: no champion yet; retrying in ${retry_s}s"
   fi
   sleep "$retry_s"
 done

@@ -44,7 +44,9 @@ fi
 export PATH=/usr/bin:/usr/sbin:$PATH
 
 # --- 2. debian:bookworm-slim stand-in rootfs (cached) -------------------------------------------------------
-if [ ! -f "$CACHE/rootfs/.complete" ]; then
+# Bump ROOTFS_VERSION when the preparation below changes: the rootfs and the imported image are rebuilt.
+ROOTFS_VERSION=2
+if [ "$(cat "$CACHE/rootfs/.complete" 2>/dev/null)" != "$ROOTFS_VERSION" ]; then
   mirror=${MIRROR:-$(apt-cache policy 2>/dev/null | grep -oE 'https?://[^ ]+/debian' | head -1)}
   mirror=${mirror:-http://deb.debian.org/debian}
   log "debootstrap bookworm from $mirror (once per cache)"
@@ -53,11 +55,16 @@ if [ ! -f "$CACHE/rootfs/.complete" ]; then
     || { tail -20 "$CACHE/debootstrap.log"; exit 1; }
   rm -f "$CACHE"/rootfs.tmp/var/cache/apt/archives/*.deb
   rm -rf "$CACHE"/rootfs.tmp/var/lib/apt/lists/*
-  # If egress goes through a TLS-re-signing proxy, builds need the host's CA bundle to reach PyPI/Maven.
-  mkdir -p "$CACHE/rootfs.tmp/usr/local/share/ca-certificates" "$CACHE/rootfs.tmp/etc/ssl/certs"
-  cp /usr/local/share/ca-certificates/*.crt "$CACHE/rootfs.tmp/usr/local/share/ca-certificates/" 2>/dev/null || true
+  # Egress here may go through a TLS-re-signing proxy whose CA only the host's bundle has. Builds reach PyPI
+  # and Maven Central through it, and installing Debian's ca-certificates (pulled in by python3-pip-whl,
+  # Java) regenerates the bundle from /usr/local/share/ca-certificates: so every certificate of the host's
+  # bundle goes there, one file each (Java's keystore is built from single-certificate files).
+  cadir=$CACHE/rootfs.tmp/usr/local/share/ca-certificates
+  mkdir -p "$cadir" "$CACHE/rootfs.tmp/etc/ssl/certs"
+  awk -v dir="$cadir" '/BEGIN CERTIFICATE/ { n++; f = sprintf("%s/host-%03d.crt", dir, n) }
+    f { print > f } /END CERTIFICATE/ { close(f); f = "" }' /etc/ssl/certs/ca-certificates.crt
   cp /etc/ssl/certs/ca-certificates.crt "$CACHE/rootfs.tmp/etc/ssl/certs/"
-  touch "$CACHE/rootfs.tmp/.complete"
+  echo "$ROOTFS_VERSION" >"$CACHE/rootfs.tmp/.complete"
   mv "$CACHE/rootfs.tmp" "$CACHE/rootfs"
 fi
 
@@ -105,10 +112,12 @@ docker info >/dev/null 2>&1 || { tail -20 "$CACHE/dockerd.log" >&2; skip "docker
 log "dockerd up (data root $CACHE/data)"
 
 # --- 4. base image ------------------------------------------------------------------------------------------
-if ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+if [ "$(docker image inspect -f '{{index .Config.Labels "btc-anomaly.rootfs"}}' debian:bookworm-slim 2>/dev/null)" \
+     != "$ROOTFS_VERSION" ]; then
   log "importing the debootstrap rootfs as debian:bookworm-slim"
   C=/etc/ssl/certs/ca-certificates.crt
   tar -C "$CACHE/rootfs" --exclude ./.complete -c . | docker import --change 'CMD ["/bin/bash"]' \
+    --change "LABEL btc-anomaly.rootfs=$ROOTFS_VERSION" \
     --change "ENV SSL_CERT_FILE=$C PIP_CERT=$C REQUESTS_CA_BUNDLE=$C" - localhost/debian:bookworm >/dev/null
   docker tag localhost/debian:bookworm debian:bookworm
   docker tag localhost/debian:bookworm debian:bookworm-slim
