@@ -81,7 +81,9 @@ def serve(settings: Settings) -> None:
         log.warning("gunicorn not installed: serving with Werkzeug's threaded server")
         from werkzeug.serving import run_simple
 
-        run_simple(settings.dashboard_host, settings.dashboard_port, create_app(settings).server, threaded=True)
+        run_simple(
+            settings.dashboard_host, settings.dashboard_port, create_app(settings).server, threaded=True
+        )
         return
 
     class _Gunicorn(BaseApplication):  # type: ignore[misc]

@@ -157,6 +157,7 @@ def register(app: Dash, state: DashboardState) -> None:
         *FILTER_INPUTS,
         Input(ID.table, "page_current"),
         Input(ID.table, "sort_by"),
+        Input(ID.severity, "value"),
         State(ID.model_threshold, "data"),
         State(ID.url, "pathname"),
     )
@@ -170,6 +171,7 @@ def register(app: Dash, state: DashboardState) -> None:
         min_value: float | None,
         page_current: int | None,
         sort_by: list[dict[str, str]] | None,
+        severity: str | None,
         model_threshold: float | None,
         pathname: str | None,
     ) -> tuple[Any, ...]:
@@ -178,7 +180,9 @@ def register(app: Dash, state: DashboardState) -> None:
         filters, _ = filters_from_inputs(
             window, custom_start, custom_end, threshold, min_value, model_threshold
         )
-        view = render_table(state, filters, now_utc(), page=page_current or 0, sort_by=sort_by)
+        view = render_table(
+            state, filters, now_utc(), page=page_current or 0, sort_by=sort_by, min_severity=severity or None
+        )
         return view.rows, view.page_count, view.caption
 
     def detail_fallback(exc: Exception) -> list[Any]:

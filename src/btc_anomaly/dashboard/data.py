@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from btc_anomaly.dashboard.lake import Snapshot, to_us
+from btc_anomaly.detectors.risk import SEVERITIES, SEVERITY_BANDS, severity_of
 
 Window = Literal["15m", "1h", "24h", "all", "custom"]
 WINDOWS: dict[str, dt.timedelta | None] = {
@@ -77,6 +78,7 @@ class Selection:
     value: np.ndarray
     fee_rate: np.ndarray
     key: np.ndarray
+    risk: np.ndarray  # 0-100, NaN for rows scored before the detectors
     anomaly: np.ndarray
     start_us: int | None
     end_us: int | None
@@ -99,10 +101,13 @@ def select(snapshot: Snapshot, filters: Filters, now: dt.datetime) -> Selection:
     positions: np.ndarray | slice = window
     ts, score, thr = snapshot.ts[window], snapshot.score[window], snapshot.threshold[window]
     value, fee_rate, key = snapshot.value[window], snapshot.fee_rate[window], snapshot.key[window]
+    risk = snapshot.risk[window]
     if filters.min_value_btc and filters.min_value_btc > 0:
         mask = value >= filters.min_value_btc * SAT_PER_BTC
         positions = np.flatnonzero(mask) + window.start
-        ts, score, thr, value, fee_rate, key = (a[mask] for a in (ts, score, thr, value, fee_rate, key))
+        ts, score, thr, value, fee_rate, key, risk = (
+            a[mask] for a in (ts, score, thr, value, fee_rate, key, risk)
+        )
     cut = thr if filters.threshold is None else filters.threshold
     return Selection(
         snapshot=snapshot,
@@ -112,6 +117,7 @@ def select(snapshot: Snapshot, filters: Filters, now: dt.datetime) -> Selection:
         value=value,
         fee_rate=fee_rate,
         key=key,
+        risk=risk,
         anomaly=score > cut,
         start_us=start,
         end_us=end,
@@ -321,7 +327,7 @@ def scatter_sample(sel: Selection, *, max_points: int, max_anomalies: int) -> Sc
 
 # --- top anomalies table ------------------------------------------------------------------------------------
 
-SORTABLE = {"time": "ts", "value": "value", "fee_rate": "fee_rate", "score": "score"}
+SORTABLE = {"time": "ts", "value": "value", "fee_rate": "fee_rate", "score": "score", "risk": "risk"}
 
 
 @dataclass(frozen=True)
@@ -339,14 +345,21 @@ def anomalies_page(
     descending: bool = True,
     page: int = 0,
     page_size: int = 15,
+    min_severity: str | None = None,
 ) -> Page:
     """One page of the selection's anomalies, sorted server-side.
+
+    ``min_severity`` (medium, high, severe) lists the rows whose risk score reaches that band instead,
+    whether the forest flagged them or not (a watchlist hit can be severe with an ordinary score).
 
     Only the rows up to the end of the requested page are ordered (``argpartition``, then a sort of
     that head), so deep lists cost O(n) rather than a full sort. Ties break by time then hash order for
     a stable paging. Missing fee rates sort last either way.
     """
-    anom = np.flatnonzero(sel.anomaly)
+    keep = sel.anomaly
+    if min_severity in SEVERITIES[1:]:
+        keep = np.nan_to_num(sel.risk, nan=-1.0) >= SEVERITY_BANDS[SEVERITIES.index(min_severity) - 1]
+    anom = np.flatnonzero(keep)
     total = len(anom)
     page_count = max(1, -(-total // page_size))
     page = min(max(page, 0), page_count - 1)
@@ -369,6 +382,8 @@ def anomalies_page(
             "value_btc": float(sel.value[i]) / SAT_PER_BTC,
             "fee_rate": None if np.isnan(sel.fee_rate[i]) else float(sel.fee_rate[i]),
             "score": float(sel.score[i]),
+            "risk": None if np.isnan(sel.risk[i]) else float(sel.risk[i]),
+            "severity": None if np.isnan(sel.risk[i]) else str(severity_of(sel.risk[i : i + 1])[0]),
             "reasons": list(r),
         }
         for h, i, r in zip(hashes, chosen, reasons, strict=True)

@@ -43,7 +43,16 @@ log = logging.getLogger(__name__)
 _STATS_SLACK_US = 1_000
 _US = np.int64(1_000_000)
 
-NUMERIC_COLUMNS = ("first_seen", "anomaly_score", "threshold", "output_value", "fee_rate", "scored_at")
+NUMERIC_COLUMNS = (
+    "first_seen",
+    "anomaly_score",
+    "threshold",
+    "output_value",
+    "fee_rate",
+    "scored_at",
+    "risk_score",  # absent from tables written before the detectors: read as NaN
+)
+OPTIONAL_COLUMNS = frozenset({"risk_score"})
 TEXT_COLUMNS = ("hash", "reasons")
 SNAPSHOT_COLUMNS = (*TEXT_COLUMNS, *NUMERIC_COLUMNS)
 
@@ -95,6 +104,7 @@ class FileChunk:
     fee_rate: np.ndarray  # float64, NaN when unknown
     key: np.ndarray  # uint32 sampling key from the hash
     max_scored_us: int | None
+    risk: np.ndarray  # float64 risk score 0-100, NaN when the row has none
 
     @property
     def rows(self) -> int:
@@ -112,6 +122,7 @@ class Snapshot:
     value: np.ndarray
     fee_rate: np.ndarray
     key: np.ndarray
+    risk: np.ndarray
     ref: np.ndarray
     text: pa.Table
     files: frozenset[str] = frozenset()
@@ -181,6 +192,7 @@ def empty_snapshot(version: int | None = None) -> Snapshot:
         value=f8,
         fee_rate=f8,
         key=np.empty(0, np.uint32),
+        risk=f8,
         ref=np.empty(0, np.int64),
         text=pa.table({"hash": pa.array([], pa.string()), "reasons": pa.array([], pa.list_(pa.string()))}),
     )
@@ -245,10 +257,17 @@ def chunk_from_table(path: str, table: pa.Table) -> FileChunk:
         fee_rate=_float(table["fee_rate"]),
         key=sampling_key(table["hash"]),
         max_scored_us=int(scored.max()) if len(scored) else None,
+        risk=_float(table["risk_score"]) if "risk_score" in table.column_names else np.full(len(ts), np.nan),
     )
 
 
-ARRAYS = ("ts", "score", "threshold", "value", "fee_rate", "key", "ref")
+def present_columns(schema: pa.Schema) -> list[str]:
+    """``SNAPSHOT_COLUMNS`` that exist in a table's schema (optional ones may be missing)."""
+    names = set(schema.names)
+    return [c for c in SNAPSHOT_COLUMNS if c in names or c not in OPTIONAL_COLUMNS]
+
+
+ARRAYS = ("ts", "score", "threshold", "value", "fee_rate", "key", "risk", "ref")
 _DTYPES = {"ts": np.int64, "key": np.uint32, "ref": np.int64}
 
 
@@ -401,19 +420,20 @@ def read_fragments(table: Any, paths: set[str]) -> dict[str, pa.Table]:
     if not fragments:
         return {}
     subset = ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
-    scanned = subset.to_table(columns=[*SNAPSHOT_COLUMNS, "__fragment_index"])
+    columns = present_columns(dataset.schema)
+    scanned = subset.to_table(columns=[*columns, "__fragment_index"])
     batches: dict[int, list[pa.RecordBatch]] = {i: [] for i in range(len(fragments))}
     for batch in scanned.to_batches():
         if batch.num_rows == 0:
             continue
-        index = batch.column(len(SNAPSHOT_COLUMNS)).to_numpy()
-        data = batch.select(list(SNAPSHOT_COLUMNS))
+        index = batch.column(len(columns)).to_numpy()
+        data = batch.select(columns)
         if index[0] == index[-1] and (index == index[0]).all():
             batches[int(index[0])].append(data)
         else:  # not expected from pyarrow's scanner, but cheap to handle
             for i in np.unique(index):
                 batches[int(i)].append(data.filter(pa.array(index == i)))
-    schema = scanned.schema.remove(len(SNAPSHOT_COLUMNS))
+    schema = scanned.schema.remove(len(columns))
     return {fragments[i].path: pa.Table.from_batches(found, schema=schema) for i, found in batches.items()}
 
 
@@ -496,7 +516,8 @@ class ScoredCache:
         last_scored = max((i.max_scored for i in infos if i.max_scored is not None), default=None)
         if _needs_full_scan(table):
             # Deletion vectors or column mapping: only the engine can say which rows are live.
-            data = pa.RecordBatchReader.from_stream(table.scan(columns=list(SNAPSHOT_COLUMNS))).read_all()
+            columns = present_columns(table.schema().to_arrow())
+            data = pa.RecordBatchReader.from_stream(table.scan(columns=columns)).read_all()
             self.files_read += len(infos)
             DASHBOARD_DELTA_FILES_READ.labels(table=self.path.name).inc(len(infos))
             self._chunks = {"<scan>": chunk_from_table("<scan>", data)}

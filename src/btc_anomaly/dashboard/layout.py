@@ -39,6 +39,7 @@ ID = SimpleNamespace(
     scatter="scatter",
     table="anomalies",
     table_caption="table-caption",
+    severity="severity-filter",
     detail="detail",
     model_status="model-status",
     versions="versions",
@@ -62,7 +63,15 @@ TABLE_COLUMNS = [
     {"name": "value (BTC)", "id": "value_btc", "type": "numeric"},
     {"name": "fee rate (sat/vB)", "id": "fee_rate", "type": "numeric"},
     {"name": "score", "id": "score", "type": "numeric"},
+    {"name": "risk", "id": "risk", "type": "numeric"},
+    {"name": "severity", "id": "severity"},
     {"name": "reasons", "id": "reasons_text"},
+]
+SEVERITY_OPTIONS = [
+    {"label": "forest anomalies", "value": ""},
+    {"label": "risk: medium or above", "value": "medium"},
+    {"label": "risk: high or above", "value": "high"},
+    {"label": "risk: severe", "value": "severe"},
 ]
 VERSION_COLUMNS = [
     {"name": "version", "id": "version"},
@@ -215,6 +224,14 @@ def overview_page(settings: Settings, model_threshold: float | None) -> html.Div
                         className="card",
                         children=[
                             html.H3("Top anomalies"),
+                            dcc.Dropdown(
+                                id=ID.severity,
+                                options=SEVERITY_OPTIONS,
+                                value="",
+                                clearable=False,
+                                searchable=False,
+                                className="severity-filter",
+                            ),
                             html.Div(id=ID.table_caption, className="muted caption"),
                             dash_table.DataTable(
                                 id=ID.table,
@@ -239,6 +256,21 @@ def overview_page(settings: Settings, model_threshold: float | None) -> html.Div
                                         "if": {"state": "active"},
                                         "backgroundColor": "#fdecea",
                                         "border": "none",
+                                    },
+                                    {
+                                        "if": {
+                                            "filter_query": '{severity} = "severe"',
+                                            "column_id": "severity",
+                                        },
+                                        "color": "#b71c1c",
+                                        "fontWeight": "bold",
+                                    },
+                                    {
+                                        "if": {
+                                            "filter_query": '{severity} = "high"',
+                                            "column_id": "severity",
+                                        },
+                                        "color": "#e65100",
                                     },
                                 ],
                                 **_TABLE_STYLE,

@@ -290,7 +290,13 @@ def render_overview(
 
 # --- top anomalies table ---------------------------------------------------------------------------------
 
-_SORT_COLUMNS = {"time": "time", "value_btc": "value", "fee_rate": "fee_rate", "score": "score"}
+_SORT_COLUMNS = {
+    "time": "time",
+    "value_btc": "value",
+    "fee_rate": "fee_rate",
+    "score": "score",
+    "risk": "risk",
+}
 
 
 def _reasons_cell(reasons: list[str]) -> str:
@@ -315,6 +321,7 @@ def render_table(
     *,
     page: int = 0,
     sort_by: list[dict[str, str]] | None = None,
+    min_severity: str | None = None,
 ) -> TableView:
     s = state.settings
     snap = state.snapshot(filters, now)
@@ -324,7 +331,12 @@ def render_table(
         column = _SORT_COLUMNS.get(sort_by[0].get("column_id", ""), "score")
         descending = sort_by[0].get("direction", "desc") == "desc"
     result = data.anomalies_page(
-        sel, sort_by=column, descending=descending, page=page or 0, page_size=s.dashboard_page_size
+        sel,
+        sort_by=column,
+        descending=descending,
+        page=page or 0,
+        page_size=s.dashboard_page_size,
+        min_severity=min_severity,
     )
     rows = [
         {
@@ -336,14 +348,17 @@ def render_table(
             "value_btc": round(r["value_btc"], 8),
             "fee_rate": None if r["fee_rate"] is None else round(r["fee_rate"], 2),
             "score": round(r["score"], 4),
+            "risk": None if r["risk"] is None else round(r["risk"], 1),
+            "severity": r["severity"] or "",
             "reasons_text": _reasons_cell(r["reasons"]),
         }
         for r in result.rows
     ]
+    what = f"transactions of severity {min_severity} or above" if min_severity else "anomalies"
     if result.total == 0:
-        caption = "No anomalies in this range." if sel.n else "Waiting for data."
+        caption = f"No {what} in this range." if sel.n else "Waiting for data."
     else:
-        caption = f"{result.total:,} anomalies · page {result.page + 1} of {result.page_count}"
+        caption = f"{result.total:,} {what} · page {result.page + 1} of {result.page_count}"
     return TableView(rows, result.page_count, caption)
 
 
