@@ -383,7 +383,9 @@ class Settings(BaseSettings):
     )
     detect_ewma_span: int = Field(30, description="EWMA span, in 1-minute windows, of the window detector.")
     detect_ewma_threshold: float = Field(
-        3.0, description="A window metric is anomalous when |z| exceeds this many EW standard deviations."
+        3.0,
+        description="A window metric is anomalous when its z-score exceeds this many EW standard deviations "
+        "(either sign).",
     )
     detect_ewma_min_windows: int = Field(
         10, description="Windows of history before the window detector flags anything."
