@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "latency",
                 stream_trigger_s=1.0,
                 stream_max_offsets_per_trigger=200_000,
+                stream_scoring=False,  # no registry here: publish → transactions is what is measured
             )
             load = os.getloadavg()[0]
             lat = _latency(spark, latency_settings, args.rate, args.seconds)

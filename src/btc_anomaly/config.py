@@ -191,7 +191,17 @@ class Settings(BaseSettings):
         1.0, description="Micro-batch interval of the transactions query in seconds (0 = back to back)."
     )
     stream_stats_trigger_s: float = Field(
-        10.0, description="Micro-batch interval of the window-aggregate query (tx_stats_1m / tx_stats_5m)."
+        60.0,
+        description="Micro-batch interval of the window-aggregate query (tx_stats_1m / tx_stats_5m); it "
+        "competes with the transactions query for cores, so not more often than the windows need.",
+    )
+    stream_scoring: bool = Field(
+        True,
+        description="Score new transactions with the champion into scored_transactions (starts once a "
+        "champion exists; the alias is re-checked every model_reload_s seconds).",
+    )
+    stream_score_trigger_s: float = Field(
+        1.0, description="Micro-batch interval of the scoring query in seconds (0 = back to back)."
     )
     stream_starting_offsets: str = Field(
         "earliest",
@@ -207,6 +217,11 @@ class Settings(BaseSettings):
     stream_watermark: str = Field(
         "10 minutes",
         description="Event-time (first_seen) lateness accepted by the window aggregates; later rows are not counted.",
+    )
+    stream_dedup_lookback_days: int = Field(
+        30,
+        description="MERGE looks for a tx's stored copy only in date partitions this many days before the "
+        "batch's oldest first_seen (0 = the whole table: exact forever, but each batch scans every hash).",
     )
     stream_metrics_port: int = Field(9202, description="Prometheus port of `btc-anomaly stream` (0 = off).")
 

@@ -149,6 +149,11 @@ STREAM_QUERY_FAILURES = Counter(
     "Streaming queries that terminated with an exception, by query.",
     ["query"],
 )
+STREAM_PREDICTIONS = Counter(
+    "btc_stream_predictions",
+    "Transactions scored by the stream's scoring query, by label (anomaly/normal) and model_kind.",
+    ["label", "model_kind"],
+)
 
 
 # --- api (api/: FastAPI service; several uvicorn workers share PROMETHEUS_MULTIPROC_DIR) -------------

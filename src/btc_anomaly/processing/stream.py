@@ -1,12 +1,14 @@
 """`btc-anomaly stream`: Kafka → Spark Structured Streaming → Delta Lake.
 
-Two streaming queries share one SparkSession:
+Three streaming queries share one SparkSession:
 
 * ``transactions`` — Spark's Kafka source on ``Settings.topic``; each micro-batch is parsed and validated
   in Spark SQL (parse.py), valid rows are deduplicated and MERGEd into ``transactions``, the others
   appended to ``quarantine`` (sinks.py; the exactly-once argument is there);
 * ``tx_stats`` — the change data feed of ``transactions`` aggregated into 1 and 5 minute event-time
   windows with a watermark, upserted into ``tx_stats_1m`` / ``tx_stats_5m`` (aggregates.py).
+* ``scoring`` — the same change data feed scored by the champion into ``scored_transactions``, once a
+  champion exists (scoring_query.py).
 
 Each query has its own checkpoint under ``Settings.checkpoint_path``; a restart (after a crash, a kill
 -9 or a deploy) resumes both exactly where they stopped. A query that fails (e.g. the broker is gone
@@ -17,6 +19,7 @@ keeps going through broker restarts; a supervisor only has to restart it when th
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 from btc_anomaly.config import Settings
 from btc_anomaly.monitoring.metrics import STREAM_QUARANTINED
 from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, windowed
+from btc_anomaly.processing.parse import parse
+from btc_anomaly.processing.scoring_query import SCORING_QUERY, champion_exists, start_scoring_query
 from btc_anomaly.processing.sinks import (
     TRANSACTIONS,
     BatchResult,
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 TX_QUERY = "transactions"
 STATS_QUERY = "tx_stats"
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+STOP_TIMEOUT_S = 60.0
 
 
 def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
@@ -60,7 +66,7 @@ def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
     return reader.load()
 
 
-def _trigger(interval_s: float, available_now: bool) -> dict[str, object]:
+def trigger_options(interval_s: float, available_now: bool) -> dict[str, object]:
     if available_now:
         return {"availableNow": True}
     return {"processingTime": f"{max(interval_s, 0.0)} seconds"}
@@ -79,7 +85,9 @@ def start_transactions_query(
 ) -> StreamingQuery:
     def handle(batch: DataFrame, batch_id: int) -> None:
         started = time.perf_counter()
-        result = write_batch(batch, lake, batch_id, streaming_query_id(batch.sparkSession))
+        result = write_batch(
+            batch, lake, batch_id, streaming_query_id(batch.sparkSession), settings.stream_dedup_lookback_days
+        )
         STREAM_QUARANTINED.inc(result.quarantined)
         log.info(
             "batch %d: %d inserted, %d updated, %d quarantined in %.2f s (%s)",
@@ -94,10 +102,10 @@ def start_transactions_query(
             on_batch(batch_id, result)
 
     return (
-        kafka_source(spark, settings)
+        parse(kafka_source(spark, settings))
         .writeStream.queryName(TX_QUERY)
         .option("checkpointLocation", lake.checkpoint(TX_QUERY))
-        .trigger(**_trigger(settings.stream_trigger_s, available_now))
+        .trigger(**trigger_options(settings.stream_trigger_s, available_now))
         .foreachBatch(handle)
         .start()
     )
@@ -123,15 +131,25 @@ def start_stats_query(
         .writeStream.queryName(STATS_QUERY)
         .outputMode("update")
         .option("checkpointLocation", lake.checkpoint(STATS_QUERY))
-        .trigger(**_trigger(settings.stream_stats_trigger_s, available_now))
+        .trigger(**trigger_options(settings.stream_stats_trigger_s, available_now))
         .foreachBatch(handle)
         .start()
     )
 
 
+def stop_gracefully(query: StreamingQuery, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop between micro-batches when possible: stopping interrupts a running batch, which is safe
+    (it is replayed on restart) but wastes its work and makes Spark log the interruption at length."""
+    deadline = time.monotonic() + timeout_s
+    while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if query.isActive:
+        query.stop()
+
+
 @dataclass
 class StreamRunner:
-    """Starts, supervises and stops the two queries of `btc-anomaly stream`."""
+    """Starts, supervises and stops the queries of `btc-anomaly stream`."""
 
     settings: Settings
     spark: SparkSession
@@ -139,12 +157,18 @@ class StreamRunner:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        # The supervisor loop checks the registry for a champion: an outage must not hold it (and the
+        # restart of a failed query) in MLflow's default retries, which back off for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.lake = Lake.from_settings(self.settings)
         self.lake.root.mkdir(parents=True, exist_ok=True)
         ensure_tables(self.spark, self.lake)
 
-    def run_available_now(self, stats: bool = True) -> None:
-        """Drain what Kafka holds now into the lake, then return (tests, backfills, batch jobs)."""
+    def run_available_now(self, stats: bool = True, scoring: bool | None = False) -> None:
+        """Drain what Kafka holds now into the lake, then return (tests, backfills, batch jobs).
+
+        ``scoring``: also score the new rows (None = when enabled in Settings and a champion exists)."""
         q = start_transactions_query(
             self.spark, self.settings, self.lake, available_now=True, on_batch=self.on_batch
         )
@@ -152,6 +176,10 @@ class StreamRunner:
         if stats:
             s = start_stats_query(self.spark, self.settings, self.lake, available_now=True)
             s.awaitTermination()
+        if scoring is None:
+            scoring = self.settings.stream_scoring and champion_exists(self.settings)
+        if scoring:
+            start_scoring_query(self.spark, self.settings, self.lake, available_now=True).awaitTermination()
 
     def run_forever(self) -> None:
         """Run both queries until ``stop_event`` is set; restart a failed query from its checkpoint."""
@@ -161,12 +189,26 @@ class StreamRunner:
             ),
             STATS_QUERY: lambda: start_stats_query(self.spark, self.settings, self.lake),
         }
-        queries = {name: start() for name, start in starters.items()}
-        failures = dict.fromkeys(starters, 0)
+        queries: dict[str, StreamingQuery | None] = {name: start() for name, start in starters.items()}
+        failures = dict.fromkeys([*starters, SCORING_QUERY], 0)
         restart_at: dict[str, float] = {}
+        next_champion_check = 0.0
         try:
             while not self.stop_event.is_set():
                 self.stop_event.wait(1.0)
+                if (
+                    self.settings.stream_scoring
+                    and SCORING_QUERY not in queries
+                    and time.monotonic() >= next_champion_check
+                ):
+                    # Scoring waits for the first champion (no model is not an error: see scoring_query).
+                    next_champion_check = time.monotonic() + self.settings.model_reload_s
+                    if champion_exists(self.settings):
+                        starters[SCORING_QUERY] = lambda: start_scoring_query(
+                            self.spark, self.settings, self.lake
+                        )
+                        queries[SCORING_QUERY] = starters[SCORING_QUERY]()
+                        log.info("champion found: scoring query started")
                 for name, q in list(queries.items()):
                     if q is not None and q.isActive:
                         if q.lastProgress and q.lastProgress.get("numInputRows", 0) > 0:
@@ -188,8 +230,8 @@ class StreamRunner:
                             restart_at[name] = time.monotonic() + RESTART_BACKOFF_S[-1]
         finally:
             for q in queries.values():
-                if q is not None and q.isActive:
-                    q.stop()
+                if q is not None:
+                    stop_gracefully(q)
 
 
 def run_stream(
@@ -211,7 +253,7 @@ def run_stream(
             runner.lake.checkpoints,
         )
         if available_now:
-            runner.run_available_now()
+            runner.run_available_now(scoring=None)
         else:
             runner.run_forever()
     finally:

@@ -1,0 +1,134 @@
+"""Streaming scoring: every new row of ``transactions`` → the champion → ``scored_transactions``.
+
+A third streaming query of `btc-anomaly stream`. Its source is the change data feed of
+``transactions`` (``insert`` changes only), like the window aggregates: every distinct hash arrives
+exactly once, after dedup and MERGE, so a transaction sent twice is scored once, and the Delta
+source's offsets (table versions) are checkpointed. A confirmation (``block_height`` update) does not
+re-score: the features do not depend on it.
+
+Scoring is ``model.scoring.map_in_pandas_scorer`` inside ``mapInPandas``: the same ``score_frame``
+(features.py + the compiled forests + explanations) the API calls, in Spark's Python workers. Each
+worker keeps the champion it loaded and re-checks the registry alias every ``model_reload_s``
+seconds, so a promotion reaches the stream without a restart (each row records the version that
+scored it).
+
+Exactly once: each micro-batch is scored once and kept (local checkpoint), then appended with Delta's
+transaction identifier (query id + batch id), so a batch replayed after a crash commits nothing twice.
+New columns of ``scored_arrow_schema()`` (a newer release) are added to the table (schema merge).
+
+Without a champion (fresh install, before the first training) the query is not started; the runner
+checks the alias every ``model_reload_s`` and starts it once a champion exists. It then begins with a
+snapshot of the whole table, so nothing ingested before the first model stays unscored.
+
+Anomalies of each batch go to the rate-limited webhook notifier (off when no URL is set) from the
+driver, after the write, so a notification never announces a row that is not in the lake.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from btc_anomaly.config import Settings
+from btc_anomaly.model.registry import CHAMPION
+from btc_anomaly.model.scoring import map_in_pandas_scorer, scored_spark_schema
+from btc_anomaly.monitoring.metrics import STREAM_PREDICTIONS
+from btc_anomaly.monitoring.notifier import notify_anomalies
+from btc_anomaly.processing import tables
+from btc_anomaly.processing.parse import transaction_columns
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.streaming import StreamingQuery
+
+    from btc_anomaly.processing.sinks import Lake
+
+log = logging.getLogger(__name__)
+
+SCORING_QUERY = "scoring"
+SCORED = "scored_transactions"
+# Columns the notifier reads (see notifier.notify_anomalies); only anomalies leave the executors.
+_NOTIFY_COLUMNS = ("hash", "anomaly_score", "model_kind", "model_version", "reasons", "output_value", "fee")
+# At most this many anomalies of one batch are handed to the notifier: it summarises bursts anyway,
+# and a backfill of a million rows must not pull thousands of rows into the driver.
+NOTIFY_MAX_PER_BATCH = 200
+
+
+def champion_exists(settings: Settings) -> bool:
+    """Does the registry have a champion now? False when MLflow is unreachable (try again later)."""
+    from btc_anomaly.model.registry import version_by_alias
+
+    try:
+        return version_by_alias(settings, CHAMPION) is not None
+    except Exception as exc:  # MLflow down or not yet up: not an error of the stream
+        log.info("cannot reach the model registry at %s (%s)", settings.mlflow_tracking_uri, exc)
+        return False
+
+
+def scoring_source(spark: SparkSession, lake: Lake) -> DataFrame:
+    return (
+        spark.readStream.format("delta")
+        .option("readChangeFeed", "true")
+        .load(lake.table(tables.TRANSACTIONS))
+        .where("_change_type = 'insert'")
+        .select(*transaction_columns())
+    )
+
+
+def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int) -> int:
+    """Append one scored micro-batch (idempotent per batch id); returns the number of anomalies noted."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    # Scored once: the write and the anomaly query below must see the same rows (and scored_at).
+    kept = scored.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+    (
+        kept.write.format("delta")
+        .mode("append")
+        .option("mergeSchema", "true")
+        .option("txnAppId", app_id)
+        .option("txnVersion", str(batch_id))
+        .save(path)
+    )
+    counts = kept.groupBy("is_anomaly", "model_kind").count().collect()
+    for row in counts:
+        label = "anomaly" if row["is_anomaly"] else "normal"
+        STREAM_PREDICTIONS.labels(label=label, model_kind=row["model_kind"]).inc(row["count"])
+    anomalies = kept.where("is_anomaly")
+    if "severity" in kept.columns:  # with the risk score, only severe rows are worth a message
+        anomalies = anomalies.where(F.col("severity") == "severe")
+    rows = (
+        anomalies.orderBy(F.desc("anomaly_score"))
+        .select(*[c for c in _NOTIFY_COLUMNS if c in kept.columns])
+        .limit(NOTIFY_MAX_PER_BATCH)
+        .collect()
+    )
+    notify_anomalies((r.asDict() for r in rows), source="stream")
+    return len(rows)
+
+
+def start_scoring_query(
+    spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
+) -> StreamingQuery:
+    from btc_anomaly.processing.sinks import streaming_query_id
+    from btc_anomaly.processing.stream import trigger_options
+
+    scorer = map_in_pandas_scorer(
+        settings.mlflow_tracking_uri,
+        settings.model_name,
+        alias=CHAMPION,
+        overrides={"model_reload_s": settings.model_reload_s, "scorer_backend": settings.scorer_backend},
+    )
+    scored = scoring_source(spark, lake).mapInPandas(scorer, schema=scored_spark_schema())
+    path = lake.table(SCORED)
+
+    def handle(batch: DataFrame, batch_id: int) -> None:
+        write_scored(batch, path, f"{streaming_query_id(batch.sparkSession)}:{SCORED}", batch_id)
+
+    return (
+        scored.writeStream.queryName(SCORING_QUERY)
+        .option("checkpointLocation", lake.checkpoint(SCORING_QUERY))
+        .trigger(**trigger_options(settings.stream_score_trigger_s, available_now))
+        .foreachBatch(handle)
+        .start()
+    )
