@@ -43,7 +43,7 @@ def _seconds(fn: Callable[[], Any], inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def main(repeats: int = 5) -> list[dict[str, Any]]:
+def main(repeats: int = 7) -> list[dict[str, Any]]:
     records = [orjson.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()]
     txs = pd.DataFrame(records)
     bundle, _ = fit_bundle(compute_features(txs), Settings())
@@ -79,7 +79,7 @@ def main(repeats: int = 5) -> list[dict[str, Any]]:
     part_t: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(repeats):  # interleaved, so machine noise hits every case alike
         for name, (one_fn, big_fn) in cases.items():
-            one[name].append(_seconds(one_fn, inner=20))
+            one[name].append(_seconds(one_fn, inner=50))
             big[name].append(_seconds(big_fn))
         for name, fn in parts.items():
             part_t[name].append(_seconds(fn))
@@ -112,6 +112,6 @@ if __name__ == "__main__":
     from bench.run_all import format_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(format_table(main(args.repeats)))

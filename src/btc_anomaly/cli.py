@@ -495,12 +495,11 @@ def detect(
     import threading
 
     from btc_anomaly.detectors.service import DetectService
-    from btc_anomaly.monitoring.notifier import from_settings, set_notifier
+    from btc_anomaly.monitoring.notifier import from_settings
 
     _logging()
     s = get_settings()
     notifier = from_settings(s)
-    set_notifier(notifier)
     service = DetectService(s, notifier)
     try:
         if once:

@@ -172,3 +172,28 @@ def _version(path: Path) -> int:
     from deltalake import DeltaTable
 
     return DeltaTable(str(path)).version()
+
+
+def test_detect_cli_once_on_an_empty_lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from btc_anomaly.cli import app
+    from btc_anomaly.config import get_settings
+
+    monkeypatch.setenv("BTC_ANOMALY_LAKE_ROOT", str(tmp_path / "lake"))
+    monkeypatch.delenv("BTC_ANOMALY_NOTIFY_WEBHOOK_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["detect", "--once"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {
+        "window_anomalies_new": 0,
+        "bursts_new": 0,
+        "bursts_updated": 0,
+        "risky_transactions": 0,
+        "alerts": 0,
+    }

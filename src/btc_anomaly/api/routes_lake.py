@@ -7,6 +7,7 @@ and FastAPI can only evaluate such an annotation when it is a real object.
 """
 
 import datetime as dt
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
@@ -27,6 +28,11 @@ ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
 
 def router(settings: Settings) -> APIRouter:
     r = APIRouter(tags=["lake"])
+    # Parsing the watchlists takes about a second: do it now, off the request path, rather than in the
+    # first /predict or /addresses request (load_watchlist caches it for the process).
+    threading.Thread(
+        target=load_watchlist, args=(settings.watchlist_dir,), name="watchlist-warmup", daemon=True
+    ).start()
 
     # Plain `def`: Delta reads block, so FastAPI runs these in its thread pool.
     @r.get(

@@ -72,6 +72,7 @@ VERY_HIGH_FEE_RATE = 1_000.0  # sat/vB
 FEE_SHARE = 0.5
 FEE_SHARE_MIN_SAT = 10_000
 OLD_SCRIPTS = ("pubkey", "multisig")
+SMALL = 256  # elements below which a column is scanned in Python
 
 
 def _num(table: pa.Table, name: str) -> np.ndarray:
@@ -94,6 +95,8 @@ def _script_flags(script: pa.Array, names: tuple[str, ...]) -> np.ndarray:
     """Per element, whether its script type is one of ``names`` (one dictionary pass, no per-call hash set)."""
     if not len(script):
         return np.zeros(0, dtype=bool)
+    if len(script) <= SMALL:  # the API's single transactions: Python beats Arrow's per-call overhead
+        return np.fromiter((v in names for v in script.to_pylist()), bool, len(script))
     encoded = script.dictionary_encode()
     lut = np.array([v in names for v in encoded.dictionary.to_pylist()] + [False], dtype=bool)
     idx = encoded.indices
