@@ -22,7 +22,7 @@ APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager
 SPEED ?= 20
 SOURCE ?= replay
 DEMO_STATE ?= $(CURDIR)/var/demo
-DEMO_PROCS := kafka mlflow producer stream trainer api dashboard
+DEMO_PROCS := kafka mlflow producer stream trainer detect api dashboard
 # honcho loads this into every process (over the environment); tests pass /dev/null to isolate themselves.
 DEMO_ENV_FILE ?= .env
 ifeq ($(SOURCE),ws)

@@ -15,13 +15,17 @@
 # start) -- tests/e2e/test_compose_smoke.py turns 77 into a skip.
 set -euo pipefail
 
+# Everything runs inside main(): bash then parses the whole script before running it, so editing the file
+# during a run cannot change what the run executes.
+main() {
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${SMOKE_CACHE:-/var/cache/btc-anomaly-smoke}
 PROJECT=${SMOKE_PROJECT:-btcsmoke}
 STACK_TIMEOUT_S=${SMOKE_STACK_TIMEOUT_S:-900}  # from `up` to every check passing
 # Services the smoke runs: all of docker-compose.yml but grafana and the `alerts` profile.
-SERVICES=(kafka topic-init postgres mlflow producer stream trainer-init trainer api dashboard prometheus)
-LONG_RUNNING=(kafka postgres mlflow producer stream trainer api dashboard prometheus)
+SERVICES=(kafka topic-init postgres mlflow producer stream trainer-init trainer detect api dashboard prometheus)
+LONG_RUNNING=(kafka postgres mlflow producer stream trainer detect api dashboard prometheus)
 
 t0=$(date +%s)
 log() { printf '[smoke %s +%ss] %s\n' "$(date -u +%T)" "$(($(date +%s) - t0))" "$*" >&2; }
@@ -187,3 +191,6 @@ while :; do
 done
 stack_s=$(($(date +%s) - tu))
 log "PASSED: total $(($(date +%s) - t0))s (build ${build_s}s, stack up to all checks green ${stack_s}s)"
+}
+
+main "$@"
