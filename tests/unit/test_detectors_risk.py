@@ -134,3 +134,15 @@ def test_detectors_off_is_forest_only() -> None:
     assert (off["rule_hits"].map(len) == 0).all() and off["mahalanobis"].isna().all()
     assert (off["risk_score"] <= on["risk_score"] + 1e-9).all()  # more signals never lower the score
     np.testing.assert_array_equal(off["anomaly_score"], on["anomaly_score"])
+
+
+def test_a_transaction_scores_the_same_alone_and_in_any_batch() -> None:
+    model = ChampionModel(bundle=fitted_bundle(), name="m", version="3", run_id=None)
+    df = sample_frame()
+    batch = score_frame(df.iloc[:300], model, settings=settings()).set_index("hash")
+    for i in (0, 7, 123, 299):
+        alone = score_frame(df.iloc[[i]], model, settings=settings()).iloc[0]
+        row = batch.loc[alone["hash"]]
+        assert alone["risk_score"] == row["risk_score"]
+        assert alone["mahalanobis"] == row["mahalanobis"]  # bit-identical, not approximately
+        assert alone["signals"] == row["signals"]

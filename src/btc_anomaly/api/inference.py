@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from btc_anomaly.api.model_holder import Served
+from btc_anomaly.api.risk import risk_rows
 from btc_anomaly.api.schemas import ExplainMode, SummaryTransaction
 from btc_anomaly.api.telemetry import record_predictions
 from btc_anomaly.features import (
@@ -201,6 +202,8 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
     explained = (
         explain_matrix(bundle, matrix, kinds, row_of[explain_item], top_k) if explain_item.any() else {}
     )
+    # Risk score, severity, rule/watchlist hits (detectors) from the same table and matrix (api/risk.py).
+    risk = risk_rows(served, table, matrix, score, model_thr, kinds, n_canon)
 
     ref = served.ref
     score_l, thr_l, model_thr_l, flags_l = score.tolist(), thr.tolist(), model_thr.tolist(), flags.tolist()
@@ -221,6 +224,7 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
                 "reasons": _reasons(reasons, summary, kind) if reasons else [],
                 "missing_features": (_MISSING_SUMMARY if summary else _MISSING_CANONICAL)[kind],
                 "model": ref,
+                **risk[r],
             }
         )
     results, start = [], 0

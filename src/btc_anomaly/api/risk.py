@@ -1,82 +1,73 @@
 """The per-transaction detectors for /predict and /predict/raw: risk score, severity, signals, hits.
 
-The forest's predictions come from ``inference.predict_jobs`` (coalesced, NumPy); this adds what
-``model.scoring.score_frame`` adds for the stream, with the same code (``detectors.assess``) and the same
-inputs (the batch's canonical columns and ``compute_features`` matrix), so the API and scored_transactions
-agree. 8-field bodies have no inputs or outputs: only the header rules apply to them, and their
+``inference.predict_jobs`` (coalesced, NumPy) calls ``risk_rows`` with its batch's canonical columns and
+``compute_features`` matrix; it adds what ``model.scoring.score_frame`` adds for the stream, with the same
+code (``detectors.assess``), so the API and scored_transactions agree. 8-field bodies have no inputs or outputs: only the header rules apply to them, and their
 ``absent_signals`` say which signals could not be computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from btc_anomaly.api import inference
 from btc_anomaly.api.model_holder import Served
-from btc_anomaly.api.schemas import SummaryTransaction
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors.assess import assess
 from btc_anomaly.detectors.risk import details
 from btc_anomaly.detectors.watchlist import load_watchlist
-from btc_anomaly.features import compute_features
 
 SUMMARY_ABSENT = ["mahalanobis", "watchlists", "output_rules"]
 
-
-def _table(items: Any) -> tuple[pa.Table, np.ndarray]:
-    """The items' canonical columns in request order, and which rows are 8-field bodies."""
-    if isinstance(items, inference.CanonicalBatch):
-        return items.table, np.zeros(len(items), dtype=bool)
-    summary = np.array([isinstance(it, SummaryTransaction) for it in items], dtype=bool)
-    if not summary.any():
-        return inference.canonical_table(list(items)), summary
-    if summary.all():
-        return inference.summary_table(list(items)), summary
-    canon_idx, summ_idx = np.flatnonzero(~summary), np.flatnonzero(summary)
-    table = pa.concat_tables(
-        [
-            inference.canonical_table([items[i] for i in canon_idx]),
-            inference.summary_table([items[i] for i in summ_idx]),
-        ]
-    )
-    position = np.empty(len(items), dtype=np.int64)
-    position[np.concatenate([canon_idx, summ_idx])] = np.arange(len(items))
-    return table.take(pa.array(position)), summary
+# Set from the app's Settings when its routes are built (routes_lake.router): inference.predict_jobs, which
+# calls ``risk_rows``, only receives the served model.
+_config: dict[str, Any] = {"watchlist_dir": None, "enabled": True}
 
 
-def add_risk(served: Served, items: Any, predictions: Sequence[dict[str, Any]], settings: Settings) -> None:
-    """Add risk_score, severity, signals, rule_hits, watchlist_hits, mahalanobis, risk_detail and
-    absent_signals to each prediction (in place; predictions are in the items' order)."""
-    if not len(predictions):
-        return
+def configure(settings: Settings) -> None:
+    _config["watchlist_dir"] = settings.watchlist_dir
+    _config["enabled"] = settings.risk_detectors
+
+
+def risk_rows(
+    served: Served,
+    table: pa.Table,
+    matrix: np.ndarray,
+    score: np.ndarray,
+    model_threshold: np.ndarray,
+    kinds: np.ndarray,
+    first_summary_row: int,
+) -> list[dict[str, Any]]:
+    """The risk fields of every feature row of a ``predict_jobs`` batch (rows from ``first_summary_row`` on
+    are 8-field bodies). Uses the batch's own table and feature matrix: nothing is computed twice.
+
+    ``model_threshold``, not a request's ``?threshold=``: a transaction's risk does not depend on how one
+    caller chose to label it.
+    """
+    n = len(score)
     bundle = served.model.bundle
-    table, summary = _table(items)
-    matrix = compute_features(table).to_numpy(dtype=np.float64)
-    score = np.fromiter((p["anomaly_score"] for p in predictions), np.float64, len(predictions))
-    # The model's threshold, not a request's ?threshold=: the risk of a transaction does not depend on
-    # how one caller chose to label it.
-    threshold = np.fromiter((p["model_threshold"] for p in predictions), np.float64, len(predictions))
-    kinds = np.array([p["model_kind"] for p in predictions], dtype=object)
+    summary = np.arange(n) >= first_summary_row
     a = assess(
         table,
         matrix,
         score,
-        threshold,
+        model_threshold,
         kinds,
         mahalanobis=bundle.mahalanobis,
-        watchlist=load_watchlist(settings.watchlist_dir) if settings.risk_detectors else load_watchlist(None),
+        watchlist=load_watchlist(_config["watchlist_dir"] if _config["enabled"] else None),
         header_only=summary,
     )
     base_absent = list(a.parts.absent)
-    for i, p in enumerate(predictions):
-        p.update(a.row(i))
-        kind = str(kinds[i])
-        q = None
-        if bundle.mahalanobis and kind in bundle.mahalanobis:
-            q = (bundle.mahalanobis[kind].q99, bundle.mahalanobis[kind].q999)
-        p["risk_detail"] = details(a.parts, i, float(score[i]), float(threshold[i]), q)
-        p["absent_signals"] = list(dict.fromkeys(base_absent + SUMMARY_ABSENT)) if summary[i] else base_absent
+    summary_absent = list(dict.fromkeys(base_absent + SUMMARY_ABSENT))
+    quantiles = {k: (m.q99, m.q999) for k, m in (bundle.mahalanobis or {}).items()}
+    out = []
+    for r in range(n):
+        row = a.row(r)
+        row["risk_detail"] = details(
+            a.parts, r, float(score[r]), float(model_threshold[r]), quantiles.get(str(kinds[r]))
+        )
+        row["absent_signals"] = summary_absent if summary[r] else base_absent
+        out.append(row)
+    return out

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from btc_anomaly.api import risk as api_risk
 from btc_anomaly.api.context import context
 from btc_anomaly.api.errors import ApiError, json_response
 from btc_anomaly.api.lake import LakeUnavailable
@@ -28,6 +29,7 @@ ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
 
 def router(settings: Settings) -> APIRouter:
     r = APIRouter(tags=["lake"])
+    api_risk.configure(settings)  # the detectors /predict runs read the watchlists of these Settings
     # Parsing the watchlists takes about a second: do it now, off the request path, rather than in the
     # first /predict or /addresses request (load_watchlist caches it for the process).
     threading.Thread(

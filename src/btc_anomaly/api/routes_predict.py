@@ -15,7 +15,6 @@ from btc_anomaly.api.body import read_body
 from btc_anomaly.api.context import ApiContext, context
 from btc_anomaly.api.errors import ApiError, json_response
 from btc_anomaly.api.model_holder import Served
-from btc_anomaly.api.risk import add_risk
 from btc_anomaly.api.schemas import (
     RISK_DOC,
     SCORE_DOC,
@@ -76,8 +75,8 @@ async def _score(
     ctx: ApiContext, served: Served, items: list[Any], threshold: float | None, explain: ExplainMode
 ) -> list[dict[str, Any]]:
     """Small jobs are coalesced with concurrent ones on the event loop (batcher.py); big ones run in the
-    thread pool so that single requests keep flowing meanwhile. Each prediction gets its risk score
-    (api/risk.py)."""
+    thread pool so that single requests keep flowing meanwhile. Predictions carry the risk fields
+    (``inference.predict_jobs`` → ``api/risk.py``)."""
     if (ios := inference.count_ios(items)) > ctx.settings.api_max_batch_ios:
         raise ApiError(
             413,
@@ -86,13 +85,9 @@ async def _score(
     job = inference.Job(items, threshold, explain)
     try:
         if len(items) <= INLINE_MAX:
-            out = await ctx.coalescer.submit(served, job)
-            add_risk(served, items, out, ctx.settings)
-            return out
+            return await ctx.coalescer.submit(served, job)
         run = partial(inference.predict_jobs, served, [job], top_k=ctx.settings.explain_top_k)
-        out = (await run_in_threadpool(run))[0]
-        await run_in_threadpool(add_risk, served, items, out, ctx.settings)
-        return out
+        return (await run_in_threadpool(run))[0]
     except inference.BatchTooLarge as exc:
         raise ApiError(413, str(exc)) from None
 
