@@ -62,12 +62,20 @@ def risk_rows(
     base_absent = list(a.parts.absent)
     summary_absent = list(dict.fromkeys(base_absent + SUMMARY_ABSENT))
     quantiles = {k: (m.q99, m.q999) for k, m in (bundle.mahalanobis or {}).items()}
-    out = []
-    for r in range(n):
-        row = a.row(r)
-        row["risk_detail"] = details(
-            a.parts, r, float(score[r]), float(model_threshold[r]), quantiles.get(str(kinds[r]))
-        )
-        row["absent_signals"] = summary_absent if summary[r] else base_absent
-        out.append(row)
-    return out
+    kinds_l = [str(k) for k in kinds]
+    detail = details(a.parts, a.rule_hits, score, model_threshold, [quantiles.get(k) for k in kinds_l])
+    risk_l, severity_l, dist_l = a.risk_score.tolist(), a.severity.tolist(), a.mahalanobis.tolist()
+    summary_l = summary.tolist()
+    return [
+        {
+            "risk_score": risk_l[r],
+            "severity": severity_l[r],
+            "signals": a.signals[r],
+            "rule_hits": a.rule_hits[r],
+            "watchlist_hits": a.watchlist_hits[r],
+            "mahalanobis": None if dist_l[r] != dist_l[r] else dist_l[r],  # NaN: absent
+            "risk_detail": detail[r],
+            "absent_signals": summary_absent if summary_l[r] else base_absent,
+        }
+        for r in range(n)
+    ]

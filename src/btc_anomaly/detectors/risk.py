@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from btc_anomaly.detectors.rules import RULES, WEIGHTS
+from btc_anomaly.detectors.rules import RULES, RULES_BY_ID, WEIGHTS
 
 SEVERITIES = ("low", "medium", "high", "severe")
 SEVERITY_BANDS = (25.0, 50.0, 75.0)  # lower bounds of medium, high, severe
@@ -151,43 +151,57 @@ def signal_names(parts: Parts) -> list[list[str]]:
 
 
 def details(
-    parts: Parts, i: int, score: float, threshold: float, q: tuple[float, float] | None
-) -> list[dict[str, Any]]:
-    """Row ``i``'s contributing signals as {signal, points, detail}; points = the risk it alone would give."""
-    out: list[dict[str, Any]] = []
-    if parts.p_forest[i] > 0:
-        out.append(
-            {
-                "signal": "forest",
-                "points": round(100 * float(parts.p_forest[i]), 2),
-                "detail": f"anomaly score {score:.3f} (threshold {threshold:.3f})",
-            }
-        )
-    if parts.p_mahalanobis[i] > 0:
-        d = float(parts.mahalanobis[i])
-        extra = f" (training p99 {q[0]:.1f}, p99.9 {q[1]:.1f})" if q else ""
-        out.append(
-            {
-                "signal": "mahalanobis",
-                "points": round(100 * float(parts.p_mahalanobis[i]), 2),
-                "detail": f"distance {d:.1f} from the training mean{extra}",
-            }
-        )
-    for j in np.flatnonzero(parts.rule_hits[i]):
-        r = RULES[j]
-        out.append({"signal": f"rule:{r.id}", "points": round(100 * r.weight, 2), "detail": r.description})
-    seen: set[tuple[str, str]] = set()
-    for h in parts.watch_hits[i]:
-        if (h["list"], h["address"]) in seen:
-            continue
-        seen.add((h["list"], h["address"]))
-        verb = "spends from" if h["side"] == "input" else "pays"
-        label = f" ({h['label']})" if h.get("label") else ""
-        out.append(
-            {
-                "signal": f"watchlist:{h['list']}",
-                "points": round(100 * category_weight(h["category"]), 2),
-                "detail": f"{verb} {h['address']}, listed as {h['category']}{label}",
-            }
-        )
+    parts: Parts,
+    rule_ids: Sequence[Sequence[str]],
+    score: np.ndarray,
+    threshold: np.ndarray,
+    quantiles: Sequence[tuple[float, float] | None],
+) -> list[list[dict[str, Any]]]:
+    """Per row, its contributing signals as {signal, points, detail}; points = the risk it alone would give.
+
+    ``rule_ids``: the rows' fired rule ids; ``quantiles``: each row's Mahalanobis (p99, p99.9) or None.
+    """
+    p_forest, p_mahal = parts.p_forest.tolist(), parts.p_mahalanobis.tolist()
+    score_l, thr_l, dist = score.tolist(), threshold.tolist(), parts.mahalanobis.tolist()
+    out: list[list[dict[str, Any]]] = []
+    for i in range(len(p_forest)):
+        row: list[dict[str, Any]] = []
+        if p_forest[i] > 0:
+            row.append(
+                {
+                    "signal": "forest",
+                    "points": round(100 * p_forest[i], 2),
+                    "detail": f"anomaly score {score_l[i]:.3f} (threshold {thr_l[i]:.3f})",
+                }
+            )
+        if p_mahal[i] > 0:
+            q = quantiles[i]
+            extra = f" (training p99 {q[0]:.1f}, p99.9 {q[1]:.1f})" if q else ""
+            row.append(
+                {
+                    "signal": "mahalanobis",
+                    "points": round(100 * p_mahal[i], 2),
+                    "detail": f"distance {dist[i]:.1f} from the training mean{extra}",
+                }
+            )
+        for rid in rule_ids[i]:
+            r = RULES_BY_ID[rid]
+            row.append(
+                {"signal": f"rule:{r.id}", "points": round(100 * r.weight, 2), "detail": r.description}
+            )
+        seen: set[tuple[str, str]] = set()
+        for h in parts.watch_hits[i]:
+            if (h["list"], h["address"]) in seen:
+                continue
+            seen.add((h["list"], h["address"]))
+            verb = "spends from" if h["side"] == "input" else "pays"
+            label = f" ({h['label']})" if h.get("label") else ""
+            row.append(
+                {
+                    "signal": f"watchlist:{h['list']}",
+                    "points": round(100 * category_weight(h["category"]), 2),
+                    "detail": f"{verb} {h['address']}, listed as {h['category']}{label}",
+                }
+            )
+        out.append(row)
     return out
