@@ -56,7 +56,7 @@ def settings(**overrides: object) -> Settings:
 def restamp(records: list[dict], start: pd.Timestamp, step_s: float) -> list[dict]:
     """Real transactions re-stamped ``step_s`` apart from ``start`` (what the replay producer does)."""
     return [
-        {**r, "first_seen": (start + pd.Timedelta(seconds=i * step_s)).isoformat()}
+        {**r, "first_seen": (start + pd.Timedelta(milliseconds=round(i * step_s * 1000))).isoformat()}
         for i, r in enumerate(records)
     ]
 
