@@ -6,6 +6,7 @@ the gate's checks are stubbed: this is about the order of registry writes, not t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -161,6 +162,7 @@ def test_stale_pending_promotion_is_gated_again(registry: FakeRegistry) -> None:
     with pytest.raises(RuntimeError):
         promote(SETTINGS, "2", decided_by="ci@test")
     assert promote(SETTINGS, "3").promoted
+    time.sleep(0.002)  # event tags are keyed by decision time (ms): the fake registry is faster than that
     d = promote(SETTINGS, "2", decided_by="ops@test")
     assert d.decided_by == "ops@test" and d.previous_champion == "3"
     assert registry.aliases["champion"] == "2"
