@@ -149,6 +149,7 @@ class DetectService:
 
             notifier = get_notifier()
         self.notifier = notifier
+        self._warned = False
 
     # --- state ---------------------------------------------------------------------------------------
     def _load_cursor(self) -> pd.Timestamp | None:
@@ -243,7 +244,9 @@ class DetectService:
                 filters=[("scored_at", ">", cursor.to_pydatetime()), ("severity", "in", levels)],
             )
         except Exception as exc:  # a table written before the risk columns existed
-            log.warning("cannot read risky transactions from %s: %s", path, exc)
+            if not self._warned:
+                log.warning("cannot read risky transactions from %s (logged once): %s", path, exc)
+                self._warned = True
             return
         top = newest(path, "scored_at")
         if not rows.empty:
