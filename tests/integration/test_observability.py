@@ -350,7 +350,15 @@ def stack(
             procs["stream"] = _spawn(
                 "stream",
                 ["stream"],
-                _env(folder, **common, stream_metrics_port=ports["stream"], spark_driver_memory="1g"),
+                # model_reload_s: the scoring query (btc_stream_predictions_total) starts soon after
+                # the trainer's champion appears.
+                _env(
+                    folder,
+                    **common,
+                    stream_metrics_port=ports["stream"],
+                    spark_driver_memory="1g",
+                    model_reload_s=5,
+                ),
                 folder,
             )
         jobs = [pc.Job(job, f"127.0.0.1:{ports[job]}", job) for job in pc.JOBS]

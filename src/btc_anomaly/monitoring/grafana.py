@@ -352,10 +352,11 @@ PIPELINE = [
 
 # --- Model & predictions -------------------------------------------------------------------------------
 
+# The live share is the stream's: it scores every transaction, API clients choose what they send.
 LIVE_RATE = (
-    '(sum by (model_kind) (rate(btc_api_predictions_total{{label="anomaly"}}[{w}])) '
-    "or sum by (model_kind) (rate(btc_api_predictions_total[{w}])) * 0) "
-    "/ sum by (model_kind) (rate(btc_api_predictions_total[{w}]))"
+    '(sum by (model_kind) (rate(btc_stream_predictions_total{{label="anomaly"}}[{w}])) '
+    "or sum by (model_kind) (rate(btc_stream_predictions_total[{w}])) * 0) "
+    "/ sum by (model_kind) (rate(btc_stream_predictions_total[{w}]))"
 )
 
 MODEL = [
@@ -422,9 +423,13 @@ MODEL = [
         "Transactions scored by label and forest (/s)",
         [
             Q(
+                f"sum by (label, model_kind) (rate(btc_stream_predictions_total[{RI}]))",
+                "stream {{label}} {{model_kind}}",
+            ),
+            Q(
                 f"sum by (label, model_kind) (rate(btc_api_predictions_total[{RI}]))",
-                "{{label}} {{model_kind}}",
-            )
+                "api {{label}} {{model_kind}}",
+            ),
         ],
         unit="ops",
         width=12,

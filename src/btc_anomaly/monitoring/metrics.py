@@ -389,6 +389,7 @@ for _query in STREAM_QUERIES:
 for _label in PREDICTION_LABELS:
     for _model_kind in MODEL_KINDS:
         API_PREDICTIONS.labels(label=_label, model_kind=_model_kind)
+        STREAM_PREDICTIONS.labels(label=_label, model_kind=_model_kind)
 for _result in API_RELOAD_RESULTS:
     API_MODEL_RELOADS.labels(result=_result)
 for _result in API_RAW_RESULTS:
