@@ -4,8 +4,9 @@
 # built with debootstrap, and docker-compose.smoke.yml's locally built stand-ins for Kafka, Postgres and
 # Prometheus (Grafana is left out). The producer replays the bundled real sample.
 #
-# Passes when: the sample reaches the Delta lake, the first training registered a champion, POST /predict
-# answers from the api container, the dashboard serves :8050 and Prometheus has every target up.
+# Passes when: the sample reaches the Delta lake, the first training registered a champion, the stream's
+# scored rows reach GET /anomalies, POST /predict answers from the api container, the dashboard serves
+# :8050 and Prometheus has every target up.
 #
 # State that makes the next run fast (dockerd's data root with the image layers, the debootstrap rootfs)
 # lives in SMOKE_CACHE, outside the repository, so clean clones reuse it. Containers, volumes and the
@@ -152,7 +153,8 @@ build_s=$(($(date +%s) - tb))
 log "images built in ${build_s}s"
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^btc-anomaly' | sort >&2
 tu=$(date +%s)
-"${DC[@]}" up -d "${SERVICES[@]}"
+# compose waits here for the one-shot jobs the api depends on (first training): bounded like the checks.
+timeout "$STACK_TIMEOUT_S" "${DC[@]}" up -d "${SERVICES[@]}"
 
 # --- 6. checks, from inside the containers ---------------------------------------------------------------------
 cid() { "${DC[@]}" ps -q "$1"; }

@@ -27,7 +27,8 @@ EXAMPLE_TX = {
     "output_value": 6013440000,
 }
 MIN_LAKE_ROWS = int(os.environ.get("SMOKE_MIN_LAKE_ROWS", "1000"))
-REQUIRE_SCORED = os.environ.get("SMOKE_REQUIRE_SCORED", "0") == "1"
+# The stream scores every transaction with the champion: scored rows must reach /anomalies.
+REQUIRE_SCORED = os.environ.get("SMOKE_REQUIRE_SCORED", "1") == "1"
 
 
 def http(url: str, body: object | None = None, timeout: float = 10.0) -> tuple[int, object]:
