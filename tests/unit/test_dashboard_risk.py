@@ -67,3 +67,13 @@ def test_a_table_without_risk_columns_still_loads(tmp_path: Path, lake: DemoLake
     page = data.anomalies_page(sel, page_size=5)
     assert page.total > 0 and all(r["risk"] is None and r["severity"] is None for r in page.rows)
     assert data.anomalies_page(sel, min_severity="medium").total == 0
+
+
+def test_detail_panel_names_the_detectors_findings(tmp_path: Path, lake: DemoLake) -> None:
+    from btc_anomaly.dashboard.views import DashboardState, render_detail
+
+    state = DashboardState.from_settings(
+        Settings(lake_root=lake.root, state_dir=tmp_path, mlflow_tracking_uri="http://127.0.0.1:9")
+    )
+    text = str(render_detail(state, OFAC_SPENDER, None))
+    assert "severe" in text and "watchlist ofac_sdn: spends from 3HqA7i3ttECLvgqvq69HNxxUP5BL7Z5YgA" in text

@@ -24,6 +24,7 @@ from btc_anomaly.dashboard.lake import (
     to_us,
 )
 from btc_anomaly.dashboard.model_info import ModelInfo, ModelSnapshot
+from btc_anomaly.detectors.rules import RULES_BY_ID
 
 SCORED_TABLE = "scored_transactions"
 TRANSACTIONS_TABLE = "transactions"
@@ -394,6 +395,21 @@ def _io_table(title: str, items: list[dict[str, Any]], total: int | None) -> htm
     )
 
 
+def _risk_hits(scored: dict[str, Any]) -> list[Any]:
+    """The detectors' findings of a scored row: rules that fired and watchlisted addresses it touches."""
+    items: list[Any] = []
+    for rule_id in scored.get("rule_hits") or []:
+        rule = RULES_BY_ID.get(rule_id)
+        items.append(html.Li(f"rule {rule_id}: {rule.description if rule else ''}"))
+    for hit in scored.get("watchlist_hits") or []:
+        verb = "spends from" if hit.get("side") == "input" else "pays"
+        label = f" ({hit['label']})" if hit.get("label") else ""
+        items.append(html.Li(f"watchlist {hit['list']}: {verb} {hit['address']}, {hit['category']}{label}"))
+    if not items:
+        return []
+    return [html.H4("Detectors"), html.Ul(items, className="reasons")]
+
+
 def detail_for_point(state: DashboardState, first_seen_us: int, score: float) -> list[Any]:
     """The detail panel of a scatter point, which carries (first_seen, score) rather than its hash."""
     tx_hash = state.cache.snapshot.locate(first_seen_us, score)
@@ -440,6 +456,8 @@ def render_detail(state: DashboardState, tx_hash: str, first_seen_us: int | None
             ),
             ("model", f"{scored['model_name']} v{scored['model_version']} ({scored['model_kind']} forest)"),
         ]
+        if scored.get("risk_score") is not None:
+            facts.append(("risk", f"{scored['risk_score']:.1f} / 100 · {scored.get('severity') or NONE}"))
     facts.append(("value", f"{fmt_btc(src.get('output_value'))} BTC"))
     if src.get("fee") is not None:
         facts.append(("fee", f"{src['fee']:,} sat"))
@@ -464,6 +482,7 @@ def render_detail(state: DashboardState, tx_hash: str, first_seen_us: int | None
         html.Dl([part for k, v in facts for part in (html.Dt(k), html.Dd(v))], className="facts"),
         html.H4("Why it was flagged" if reasons else "Explanation"),
         explanation,
+        *_risk_hits(scored or {}),
     ]
     if tx is None:
         body.append(
