@@ -45,6 +45,7 @@ SCORED = "scored_transactions"
 # Bursts are looked for in this much history before the newest transaction (several windows, so a burst
 # that straddles two polls is seen whole).
 BURST_LOOKBACK_WINDOWS = 10
+FINAL_LAG_WINDOWS = 2  # the newest 1-minute windows not judged yet
 SCORED_ALERT_COLUMNS = [
     "hash",
     "scored_at",
@@ -188,7 +189,10 @@ class DetectService:
             span=s.detect_ewma_span,
             threshold=s.detect_ewma_threshold,
             min_windows=s.detect_ewma_min_windows,
-            final_before=end,  # the newest window is still filling
+            # The newest windows are still filling (the stats query runs every stream_stats_trigger_s and
+            # late rows update a window until the watermark): judging them now would flag every partial
+            # minute as a drop in volume.
+            final_before=end - pd.Timedelta(minutes=FINAL_LAG_WINDOWS - 1),
             detected_at=now,
         )
         result.windows_flagged = len(flagged)
