@@ -126,6 +126,12 @@ def read_arrow(
         table = DeltaTable(str(path))
     except TableNotFoundError:
         return empty_table(path, columns, schema)
+    types = {f.name: f.type for f in pa.schema(table.schema().to_arrow())}
+    # delta-rs gives every file a partition expression built from its Delta statistics; Spark records no
+    # min/max for booleans, so a Spark-written file gets `col >= null and col <= null`, and pyarrow then
+    # drops every file for any filter on a boolean column (is_anomaly). Those are applied after the scan.
+    late = [f for f in filters if types.get(f[0]) is not None and pa.types.is_boolean(types[f[0]])]
+    filters = [f for f in filters if f not in late]
     pruning = _pruning(table.metadata().partition_columns, filters, time_column, start, end)
     dataset = table.to_pyarrow_dataset(file_pruning_predicate=pruning or None)
     types = {f.name: f.type for f in dataset.schema}
@@ -137,7 +143,16 @@ def read_arrow(
     predicate = None
     for c in conditions:
         predicate = c if predicate is None else predicate & c
-    return dataset.to_table(columns=list(columns) if columns is not None else None, filter=predicate)
+    if not late:
+        return dataset.to_table(columns=list(columns) if columns is not None else None, filter=predicate)
+    wanted = list(columns) if columns is not None else dataset.schema.names
+    extra = [c for c, _, _ in late if c not in wanted]
+    result = dataset.to_table(columns=wanted + extra, filter=predicate)
+    late_predicate = None
+    for c, op, v in late:
+        cond = _expression(c, op, v, types.get(c))
+        late_predicate = cond if late_predicate is None else late_predicate & cond
+    return result.filter(late_predicate).select(wanted)
 
 
 def read_table(
