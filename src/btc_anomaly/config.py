@@ -200,6 +200,11 @@ class Settings(BaseSettings):
         description="Score new transactions with the champion into scored_transactions (starts once a "
         "champion exists; the alias is re-checked every model_reload_s seconds).",
     )
+    stream_notify: bool = Field(
+        False,
+        description="Also send each scored batch's forest anomalies to the webhook (rate limited). Off: "
+        "`btc-anomaly detect` sends one alert per severe transaction with the rules and lists that fired.",
+    )
     stream_score_trigger_s: float = Field(
         1.0, description="Micro-batch interval of the scoring query in seconds (0 = back to back)."
     )

@@ -96,6 +96,7 @@ def test_stream_scores_every_transaction_once_and_follows_the_champion(
             "stream_stats_trigger_s": 30.0,
             "stream_watermark": "3650 days",
             "stream_metrics_port": 0,
+            "stream_notify": True,
         }
     )
     lines = sample_lines()

@@ -20,8 +20,11 @@ Without a champion (fresh install, before the first training) the query is not s
 checks the alias every ``model_reload_s`` and starts it once a champion exists. It then begins with a
 snapshot of the whole table, so nothing ingested before the first model stays unscored.
 
-Anomalies of each batch go to the rate-limited webhook notifier (off when no URL is set) from the
-driver, after the write, so a notification never announces a row that is not in the lake.
+With ``stream_notify``, each batch's forest anomalies also go to the rate-limited webhook notifier
+from the driver, after the write (a notification never announces a row that is not in the lake). Off
+by default: ``btc-anomaly detect`` already sends one alert per severe transaction with the rules and
+watchlists that fired, restart-safe; the stream's messages are the raw forest view, for setups
+without the detect service.
 """
 
 from __future__ import annotations
@@ -75,8 +78,8 @@ def scoring_source(spark: SparkSession, lake: Lake) -> DataFrame:
     )
 
 
-def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int) -> int:
-    """Append one scored micro-batch (idempotent per batch id); returns the number of anomalies noted."""
+def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int, notify: bool = False) -> int:
+    """Append one scored micro-batch (idempotent per batch id); returns the anomalies sent to the notifier."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -94,11 +97,11 @@ def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int) -> in
     for row in counts:
         label = "anomaly" if row["is_anomaly"] else "normal"
         STREAM_PREDICTIONS.labels(label=label, model_kind=row["model_kind"]).inc(row["count"])
-    anomalies = kept.where("is_anomaly")
-    if "severity" in kept.columns:  # with the risk score, only severe rows are worth a message
-        anomalies = anomalies.where(F.col("severity") == "severe")
+    if not notify:
+        return 0
     rows = (
-        anomalies.orderBy(F.desc("anomaly_score"))
+        kept.where("is_anomaly")
+        .orderBy(F.desc("anomaly_score"))
         .select(*[c for c in _NOTIFY_COLUMNS if c in kept.columns])
         .limit(NOTIFY_MAX_PER_BATCH)
         .collect()
@@ -123,7 +126,13 @@ def start_scoring_query(
     path = lake.table(SCORED)
 
     def handle(batch: DataFrame, batch_id: int) -> None:
-        write_scored(batch, path, f"{streaming_query_id(batch.sparkSession)}:{SCORED}", batch_id)
+        write_scored(
+            batch,
+            path,
+            f"{streaming_query_id(batch.sparkSession)}:{SCORED}",
+            batch_id,
+            settings.stream_notify,
+        )
 
     return (
         scored.writeStream.queryName(SCORING_QUERY)
