@@ -78,6 +78,13 @@ def main() -> int:
     else:
         report["predict body"] = body
 
+    # The risk score's watchlists ship in the image (not only in a source checkout).
+    status, body = http("http://127.0.0.1:5001/rules")
+    lists = body.get("watchlists") if isinstance(body, dict) else None
+    report["watchlists"] = len(lists) if lists is not None else f"HTTP {status}"
+    if not lists:
+        failures.append(f"GET /rules: no watchlist loaded (HTTP {status})")
+
     status, body = http("http://prometheus:9090/api/v1/targets")
     targets = body.get("data", {}).get("activeTargets", []) if isinstance(body, dict) else []
     health = {t["labels"]["job"]: t["health"] for t in targets}
