@@ -16,20 +16,30 @@ FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+def _running_broker(data_dir: Path, heap: str) -> Iterator[KafkaBroker]:
     broker = KafkaBroker(
-        data_dir=tmp_path_factory.mktemp("kafka"),
+        data_dir=data_dir,
         jars_root=PROJECT_ROOT / ".jars",
         port=free_port(),
         controller_port=free_port(),
-        heap="512m",
+        heap=heap,
     )
     broker.start(timeout_s=120)
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    yield from _running_broker(tmp_path_factory.mktemp("kafka"), heap="512m")
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A broker of one test only, for tests that stop and restart it under a running client."""
+    yield from _running_broker(tmp_path / "kafka", heap="384m")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -15,27 +14,11 @@ from kafka import KafkaConsumer
 from btc_anomaly.config import PROJECT_ROOT, Settings
 from btc_anomaly.ingestion.producer import ProducerStats, TxProducer, run_producer
 from btc_anomaly.ingestion.replay_source import read_lines
-from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
+from btc_anomaly.runtime.kafka_broker import KafkaBroker
 
 pytestmark = pytest.mark.integration
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(
-        data_dir=tmp_path / "kafka",
-        jars_root=PROJECT_ROOT / ".jars",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="384m",
-    )
-    broker.start(timeout_s=120)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.mark.parametrize(

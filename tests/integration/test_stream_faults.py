@@ -13,12 +13,11 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from btc_anomaly.config import PROJECT_ROOT, Settings
+from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
 from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
 from helpers.stream import create_topic, looped_records, producer, start_stream, wait_for
@@ -107,23 +106,6 @@ def test_kill_9_mid_replay_loses_and_duplicates_nothing(fault_settings: Settings
     proc = start_stream(s, log, "--available-now")
     assert proc.wait(timeout=600) == 0, f"final drain failed; see {log}"
     _assert_exactly_once(s, expected)
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of this test only: it gets restarted under the running stream."""
-    broker = KafkaBroker(
-        data_dir=tmp_path / "kafka",
-        jars_root=PROJECT_ROOT / ".jars",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="384m",
-    )
-    broker.start(timeout_s=120)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def _metric(port: int, name: str) -> float | None:
