@@ -11,11 +11,14 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from btc_anomaly.config import get_settings, settings_reference_markdown
+
+if TYPE_CHECKING:
+    from btc_anomaly.runtime.process import ManagedProcess
 
 app = typer.Typer(
     name="btc-anomaly",
@@ -42,6 +45,27 @@ def config(
     typer.echo(get_settings().model_dump_json(indent=2))
 
 
+def _run_in_foreground(proc: ManagedProcess, timeout_s: float, ready: str) -> None:
+    """`btc-anomaly kafka|mlflow|prometheus`: start ``proc``, log ``ready`` once it answers, block until
+    SIGTERM/SIGINT (exit 0) or until the process dies (exit with its log's path); always stop it."""
+    import time
+
+    def _exit(signum: int, _frame: object) -> None:
+        # Only unwind here; stopping inside the handler would re-enter Popen.wait() of the main thread.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    try:
+        proc.start(timeout_s=timeout_s)
+        logging.getLogger(f"btc_anomaly.{proc.name.split()[0]}").info("%s", ready)
+        while proc.running:
+            time.sleep(1.0)
+        raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
+    finally:
+        proc.stop()
+
+
 @app.command()
 def kafka() -> None:
     """Run a single-node Kafka broker (KRaft) from the Maven-resolved jars, in the foreground."""
@@ -60,18 +84,7 @@ def kafka() -> None:
         console_level="INFO",
     )
 
-    def _stop(signum: int, _frame: object) -> None:
-        broker.stop()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    broker.start(timeout_s=120)
-    logging.getLogger("btc_anomaly.kafka").info(
-        "kafka broker ready on %s (logs in %s)", broker.bootstrap, broker.log_dir
-    )
-    while broker.running:
-        signal.pause()
+    _run_in_foreground(broker, 120, f"kafka broker ready on {broker.bootstrap} (logs in {broker.log_dir})")
 
 
 @app.command()
@@ -197,8 +210,6 @@ def mlflow(
     ] = None,
 ) -> None:
     """Run the MLflow tracking + registry server (sqlite + local artifacts), in the foreground."""
-    import time
-
     from btc_anomaly.runtime.mlflow_server import MlflowServer
 
     _logging()
@@ -211,22 +222,11 @@ def mlflow(
         allowed_hosts=allowed_hosts,
     )
 
-    def _exit(signum: int, _frame: object) -> None:
-        # Only unwind here; stopping inside the handler would re-enter Popen.wait() of the main thread.
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGINT, _exit)
-    try:
-        server.start(timeout_s=180)
-        logging.getLogger("btc_anomaly.mlflow").info(
-            "mlflow server ready on %s (state in %s, log %s)", server.url, server.data_dir, server.log_path
-        )
-        while server.running:
-            time.sleep(1.0)
-        raise SystemExit(f"mlflow server exited; see {server.log_path}")
-    finally:
-        server.stop()
+    _run_in_foreground(
+        server,
+        180,
+        f"mlflow server ready on {server.url} (state in {server.data_dir}, log {server.log_path})",
+    )
 
 
 def _parse_time(value: str | None) -> object:
@@ -413,8 +413,6 @@ def prometheus(
     ] = False,
 ) -> None:
     """Run Prometheus (Debian binary) on the local stack's targets and alert rules, in the foreground."""
-    import time
-
     from btc_anomaly.monitoring import prometheus_config as pc
     from btc_anomaly.runtime.prometheus_server import PrometheusServer
 
@@ -433,21 +431,11 @@ def prometheus(
         retention=s.prometheus_retention,
     )
 
-    def _exit(signum: int, _frame: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGINT, _exit)
-    try:
-        server.start(timeout_s=60)
-        logging.getLogger("btc_anomaly.prometheus").info(
-            "prometheus ready on %s (config %s, log %s)", server.url, server.config_file, server.log_path
-        )
-        while server.running:
-            time.sleep(1.0)
-        raise SystemExit(f"prometheus exited; see {server.log_path}")
-    finally:
-        server.stop()
+    _run_in_foreground(
+        server,
+        60,
+        f"prometheus ready on {server.url} (config {server.config_file}, log {server.log_path})",
+    )
 
 
 @app.command("alert-relay")
