@@ -37,7 +37,6 @@ from btc_anomaly.model.registry import CHAMPION
 from btc_anomaly.model.scoring import map_in_pandas_scorer, scored_spark_schema
 from btc_anomaly.monitoring.metrics import STREAM_PREDICTIONS
 from btc_anomaly.monitoring.notifier import notify_anomalies
-from btc_anomaly.processing import tables
 from btc_anomaly.processing.parse import transaction_columns
 
 if TYPE_CHECKING:
@@ -66,16 +65,6 @@ def champion_exists(settings: Settings) -> bool:
     except Exception as exc:  # MLflow down or not yet up: not an error of the stream
         log.info("cannot reach the model registry at %s (%s)", settings.mlflow_tracking_uri, exc)
         return False
-
-
-def scoring_source(spark: SparkSession, lake: Lake) -> DataFrame:
-    return (
-        spark.readStream.format("delta")
-        .option("readChangeFeed", "true")
-        .load(lake.table(tables.TRANSACTIONS))
-        .where("_change_type = 'insert'")
-        .select(*transaction_columns())
-    )
 
 
 def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int, notify: bool = False) -> int:
@@ -113,7 +102,7 @@ def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int, notif
 def start_scoring_query(
     spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
 ) -> StreamingQuery:
-    from btc_anomaly.processing.sinks import streaming_query_id
+    from btc_anomaly.processing.sinks import inserted_transactions, streaming_query_id
     from btc_anomaly.processing.stream import trigger_options
 
     scorer = map_in_pandas_scorer(
@@ -122,7 +111,9 @@ def start_scoring_query(
         alias=CHAMPION,
         overrides={"model_reload_s": settings.model_reload_s, "scorer_backend": settings.scorer_backend},
     )
-    scored = scoring_source(spark, lake).mapInPandas(scorer, schema=scored_spark_schema())
+    scored = inserted_transactions(spark, lake, transaction_columns()).mapInPandas(
+        scorer, schema=scored_spark_schema()
+    )
     path = lake.table(SCORED)
 
     def handle(batch: DataFrame, batch_id: int) -> None:

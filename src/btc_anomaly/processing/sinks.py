@@ -76,6 +76,18 @@ class Lake:
         return str(self.checkpoints / query)
 
 
+def inserted_transactions(spark: SparkSession, lake: Lake, columns: list[str]) -> DataFrame:
+    """Streaming rows newly inserted into ``transactions`` (its change data feed, inserts only): each
+    distinct hash once, after dedup and MERGE — the source of the window and scoring queries."""
+    return (
+        spark.readStream.format("delta")
+        .option("readChangeFeed", "true")
+        .load(lake.table(TRANSACTIONS))
+        .where("_change_type = 'insert'")
+        .select(*columns)
+    )
+
+
 # --- table definitions -------------------------------------------------------------------------------
 
 
@@ -279,19 +291,20 @@ def merge_transactions(
     pruning: the cost of a MERGE no longer grows with the whole table); None searches everything.
     """
     spark = source.sparkSession
-    scope = f"t.date >= DATE'{since.isoformat()}'" if since is not None else "TRUE"
+
+    def scope(prefix: str = "") -> str:
+        return f"{prefix}{tables.DATE_COLUMN} >= DATE'{since.isoformat()}'" if since is not None else "TRUE"
+
     result = result if result is not None else BatchResult()
     confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
     with result.phase("update_check"):
-        to_update = any_confirmed and _has_unconfirmed_match(
-            spark, path, confirmed, scope.replace("t.date", "date")
-        )
+        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed, scope())
     if to_update:
         with result.phase("update_merge"):
             m = _merge(
                 spark,
                 lambda t: t.merge(
-                    confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {scope}"
+                    confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {scope('t.')}"
                 ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
                 path,
                 f"{app_id}:update",
@@ -302,7 +315,7 @@ def merge_transactions(
     with result.phase("insert_merge"):
         m = _merge(
             spark,
-            lambda t: t.merge(source.alias("s"), f"t.hash = s.hash AND {scope}").whenNotMatchedInsert(
+            lambda t: t.merge(source.alias("s"), f"t.hash = s.hash AND {scope('t.')}").whenNotMatchedInsert(
                 values={c: f"s.{c}" for c in columns}
             ),
             path,

@@ -32,10 +32,10 @@ from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, win
 from btc_anomaly.processing.parse import parse
 from btc_anomaly.processing.scoring_query import SCORING_QUERY, champion_exists, start_scoring_query
 from btc_anomaly.processing.sinks import (
-    TRANSACTIONS,
     BatchResult,
     Lake,
     ensure_tables,
+    inserted_transactions,
     streaming_query_id,
     write_batch,
 )
@@ -115,12 +115,8 @@ def start_stats_query(
     spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
 ) -> StreamingQuery:
     paths = {g: lake.table(name) for g, name in GRANULARITIES_S.items()}
-    inserts = (
-        spark.readStream.format("delta")
-        .option("readChangeFeed", "true")
-        .load(lake.table(TRANSACTIONS))
-        .where("_change_type = 'insert'")
-        .select("first_seen", "output_value", "fee", "vsize", "input_count", "output_count")
+    inserts = inserted_transactions(
+        spark, lake, ["first_seen", "output_value", "fee", "vsize", "input_count", "output_count"]
     )
 
     def handle(batch: DataFrame, batch_id: int) -> None:
@@ -182,15 +178,17 @@ class StreamRunner:
             start_scoring_query(self.spark, self.settings, self.lake, available_now=True).awaitTermination()
 
     def run_forever(self) -> None:
-        """Run both queries until ``stop_event`` is set; restart a failed query from its checkpoint."""
+        """Run the queries until ``stop_event`` is set (scoring from the first champion on); restart a
+        failed query from its checkpoint."""
         starters: dict[str, Callable[[], StreamingQuery]] = {
             TX_QUERY: lambda: start_transactions_query(
                 self.spark, self.settings, self.lake, on_batch=self.on_batch
             ),
             STATS_QUERY: lambda: start_stats_query(self.spark, self.settings, self.lake),
+            SCORING_QUERY: lambda: start_scoring_query(self.spark, self.settings, self.lake),
         }
-        queries: dict[str, StreamingQuery | None] = {name: start() for name, start in starters.items()}
-        failures = dict.fromkeys([*starters, SCORING_QUERY], 0)
+        queries = {name: starters[name]() for name in (TX_QUERY, STATS_QUERY)}
+        failures = dict.fromkeys(starters, 0)
         restart_at: dict[str, float] = {}
         next_champion_check = 0.0
         try:
@@ -204,18 +202,15 @@ class StreamRunner:
                     # Scoring waits for the first champion (no model is not an error: see scoring_query).
                     next_champion_check = time.monotonic() + self.settings.model_reload_s
                     if champion_exists(self.settings):
-                        starters[SCORING_QUERY] = lambda: start_scoring_query(
-                            self.spark, self.settings, self.lake
-                        )
                         queries[SCORING_QUERY] = starters[SCORING_QUERY]()
                         log.info("champion found: scoring query started")
                 for name, q in list(queries.items()):
-                    if q is not None and q.isActive:
+                    if q.isActive:
                         if q.lastProgress and q.lastProgress.get("numInputRows", 0) > 0:
                             failures[name] = 0
                         continue
                     if name not in restart_at:
-                        exc = q.exception() if q is not None else None
+                        exc = q.exception()
                         wait = RESTART_BACKOFF_S[min(failures[name], len(RESTART_BACKOFF_S) - 1)]
                         failures[name] += 1
                         log.error("query %s stopped (%s); restarting in %.0f s", name, exc, wait)
@@ -230,8 +225,7 @@ class StreamRunner:
                             restart_at[name] = time.monotonic() + RESTART_BACKOFF_S[-1]
         finally:
             for q in queries.values():
-                if q is not None:
-                    stop_gracefully(q)
+                stop_gracefully(q)
 
 
 def run_stream(
