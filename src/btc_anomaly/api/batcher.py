@@ -1,7 +1,8 @@
 """Coalescing of concurrent small /predict requests into one scoring call (dynamic batching).
 
-Most of the cost of scoring one transaction is fixed per call (~40 Arrow kernels and a DataFrame in
-``compute_features``, ~0.6 ms), not per row: 16 transactions cost about what 2 do. When several requests
+Most of the cost of scoring one transaction is fixed per call (a few Arrow kernels and ~100 small NumPy
+operations in ``feature_matrix`` and the detectors, ~0.6 ms), not per row: 16 transactions cost about
+what 2 do. When several requests
 are ready at once (concurrent clients), each handler appends its job and awaits; one callback, scheduled
 with ``call_soon``, runs after every handler that was already runnable has appended its own, and scores
 them all with one ``inference.predict_jobs`` call. A lone request waits for nothing but one event-loop

@@ -1,8 +1,9 @@
 """Validated request bodies → predictions, with the served model bundle.
 
-This is the API's scoring path. It calls the one feature function (``features.compute_features``), the
-bundle's compiled forests with the routing of ``ModelBundle.score_features`` (full forest where every
-prevout feature is known, else structural) and the model's own explanations (``model.explain.explain``),
+This is the API's scoring path. It calls the one feature function (``features.feature_matrix``, the
+array behind ``compute_features``), the bundle's compiled forests with the routing of
+``ModelBundle.score_features`` (full forest where every prevout feature is known, else structural) and
+the model's own explanations (``model.explain.explain``),
 as ``model.scoring.score_frame`` does, but without ``score_frame``'s pandas round trips (canonical rows →
 DataFrame → Arrow, and a scored DataFrame with per-row lists), which cost ~3x the scoring itself for one
 transaction (bench/RESULTS.md, API section). Validated models go to Arrow directly, and the scores and
@@ -37,7 +38,7 @@ from btc_anomaly.features import (
     FEATURES_STRUCTURAL,
     INPUT_COLUMNS,
     SPECS,
-    compute_features,
+    feature_matrix,
 )
 from btc_anomaly.model.explain import explain
 from btc_anomaly.schema import Transaction, arrow_schema
@@ -174,7 +175,7 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
     n_canon = n - len(summ)
 
     bundle = served.model.bundle
-    matrix = compute_features(table).to_numpy(dtype=np.float64, copy=bool(summ))
+    matrix = feature_matrix(table)
     if summ:
         _impute(matrix, n_canon, bundle)
     with _PARALLEL_LOCK if n >= PARALLEL_ROWS else contextlib.nullcontext():
