@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 FIT_MAX_ROWS = 200_000  # a sample this size pins the covariance and the 99.9th percentile of d
-PYTHON_ROWS = 8  # up to this many rows, the distance loop runs in Python (fewer calls than NumPy's k*k)
+SMALL_ROWS = 64  # up to this many rows, one (rows, k, k) product instead of NumPy's k*k calls
 
 
 @dataclass
@@ -55,34 +55,24 @@ class MahalanobisModel:
 
     def distance(self, X: np.ndarray) -> np.ndarray:
         """Distance per row, bit-identical whatever the batch: the quadratic form is summed in one fixed
-        order (``sum_a (sum_b d_b P_ba) d_a``) with plain multiplies and adds, in NumPy over the rows of a
-        batch or in Python for a few rows. BLAS or einsum reductions pick their order by batch shape and
-        memory alignment, so a transaction scored alone and in a batch could differ in the last bit."""
+        order (``sum_a (sum_b d_b P_ba) d_a``, b and a ascending) with plain multiplies and adds. BLAS or
+        einsum reductions pick their order by batch shape and memory alignment, so a transaction scored
+        alone and in a batch could differ in the last bit. Few rows: one (rows, k, k) product summed by
+        ``np.add.accumulate`` (strictly left to right, so its last element is that sum); more rows: k
+        running (rows, k) sums, which do not hold a k*k array per row."""
         D = np.asarray(X, dtype=np.float64) - self.mean
         n, k = D.shape
-        if n <= PYTHON_ROWS:
-            P = self.precision.tolist()
-            quads = []
-            for row in D.tolist():
-                quad = 0.0
-                for a in range(k):
-                    y = 0.0
-                    for b in range(k):
-                        y += row[b] * P[b][a]
-                    quad += y * row[a]
-                quads.append(quad)
-            return np.sqrt(np.maximum(np.array(quads, dtype=np.float64), 0.0))
-        Dt = np.ascontiguousarray(D.T)  # one contiguous vector per feature
+        if n <= SMALL_ROWS:
+            y = np.add.accumulate(D[:, :, None] * self.precision[None, :, :], axis=1)[:, -1, :]
+            quad = np.add.accumulate(y * D, axis=1)[:, -1]
+            return np.sqrt(np.maximum(quad, 0.0))
+        y = np.zeros((n, k))
+        for b in range(k):  # y[:, a] += d_b * P_ba, for every a at once
+            y += D[:, b, None] * self.precision[b][None, :]
+        yd = np.ascontiguousarray((y * D).T)  # one contiguous vector per feature
         quad = np.zeros(n)
-        y = np.empty(n)
-        tmp = np.empty(n)
         for a in range(k):
-            y.fill(0.0)
-            for b in range(k):
-                np.multiply(Dt[b], self.precision[b, a], out=tmp)
-                y += tmp
-            np.multiply(y, Dt[a], out=tmp)
-            quad += tmp
+            quad += yd[a]
         return np.sqrt(np.maximum(quad, 0.0))
 
     def to_dict(self) -> dict[str, Any]:

@@ -131,17 +131,19 @@ class Parts:
 
 def signal_names(parts: Parts) -> list[list[str]]:
     """Per row, the signals that raised its score: forest, mahalanobis, rule:<id>, watchlist:<list>."""
-    cache: dict[tuple[bool, bool, bytes], list[str]] = {}
+    # One integer per row says which of forest, mahalanobis and each rule fired; rows with the same
+    # integer share one list.
+    n_rules = parts.rule_hits.shape[1] if parts.rule_hits.ndim == 2 else 0
+    keys = (parts.p_forest > 0).astype(np.int64) + 2 * (parts.p_mahalanobis > 0)
+    if n_rules and len(keys):
+        keys = keys + parts.rule_hits.astype(np.int64) @ (4 << np.arange(n_rules, dtype=np.int64))
+    cache: dict[int, list[str]] = {}
     out: list[list[str]] = []
-    forest = (parts.p_forest > 0).tolist()
-    mahal = (parts.p_mahalanobis > 0).tolist()
-    packed = np.packbits(parts.rule_hits, axis=1) if len(parts.rule_hits) else None
-    for i in range(len(forest)):
-        key = (forest[i], mahal[i], packed[i].tobytes() if packed is not None else b"")
+    for i, key in enumerate(keys.tolist()):
         names = cache.get(key)
         if names is None:
-            names = ["forest"] * forest[i] + ["mahalanobis"] * mahal[i]
-            names += [f"rule:{RULES[j].id}" for j in np.flatnonzero(parts.rule_hits[i])]
+            names = ["forest"] * (key & 1) + ["mahalanobis"] * (key >> 1 & 1)
+            names += [f"rule:{RULES[j].id}" for j in range(n_rules) if key >> (j + 2) & 1]
             cache[key] = names
         hits = parts.watch_hits[i]
         if hits:

@@ -141,10 +141,9 @@ def evaluate(table: pa.Table) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         fee_rate = np.where(vsize > 0, fee / vsize, np.nan)
         fee_share = np.where(input_value > 0, fee / input_value, np.nan)
-    hits[:, col["very_high_fee_rate"]] = np.nan_to_num(fee_rate, nan=0.0) >= VERY_HIGH_FEE_RATE
-    hits[:, col["excessive_fee_share"]] = (np.nan_to_num(fee_share, nan=0.0) >= FEE_SHARE) & (
-        np.nan_to_num(fee, nan=0.0) >= FEE_SHARE_MIN_SAT
-    )
+    # An unknown fee (NaN) compares false: the fee rules need the fee.
+    hits[:, col["very_high_fee_rate"]] = fee_rate >= VERY_HIGH_FEE_RATE
+    hits[:, col["excessive_fee_share"]] = (fee_share >= FEE_SHARE) & (fee >= FEE_SHARE_MIN_SAT)
 
     old_out = _script_flags(out_script, OLD_SCRIPTS)
     old_in = _script_flags(inputs.flatten().field("script_type"), OLD_SCRIPTS)
