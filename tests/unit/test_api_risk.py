@@ -82,6 +82,29 @@ def test_predict_returns_risk_and_why(client: TestClient) -> None:
     assert scored["risk_score"] == body["risk_score"] and scored["signals"] == body["signals"]
 
 
+def test_detectors_off_gives_the_api_and_the_stream_the_same_forest_only_risk(tmp_path: Path) -> None:
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        lake_root=tmp_path / "lake",
+        mlflow_tracking_uri="http://127.0.0.1:9",
+        watchlist_dir=LABELS,
+        risk_detectors=False,
+        api_resolve_prevouts=False,
+    )
+    served = served_sample_model()
+    app = create_app(settings, watch_model=False)
+    app.state.ctx.holder.install(served)
+    records = [BY_HASH[OFAC_SPENDER], BY_HASH[FEE_BURN], *RECORDS[:30]]
+    with TestClient(app) as c:
+        out = c.post("/predict", json=records).json()
+    stream = score_frame(pd.DataFrame(records), served.model, settings=settings)
+    for got, want in zip(out, stream.to_dict("records"), strict=True):
+        assert got["rule_hits"] == [] and got["watchlist_hits"] == [] and got["mahalanobis"] is None
+        assert (got["risk_score"], got["severity"]) == (want["risk_score"], want["severity"])
+        assert got["signals"] == list(want["signals"]) and set(got["signals"]) <= {"forest"}
+        assert {"mahalanobis", "watchlists", "rules"} <= set(got["absent_signals"])
+
+
 def test_predict_batch_and_8_field_bodies(client: TestClient) -> None:
     fee = BY_HASH[FEE_BURN]
     out = client.post("/predict", json=[fee, summary_body(fee), BY_HASH[OFAC_SPENDER]]).json()

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from btc_anomaly.api.model_holder import Served
 from btc_anomaly.config import Settings
-from btc_anomaly.detectors.assess import assess
+from btc_anomaly.detectors.assess import assess, forest_only
 from btc_anomaly.detectors.risk import details
 from btc_anomaly.detectors.watchlist import load_watchlist
 
@@ -49,15 +49,19 @@ def risk_rows(
     n = len(score)
     bundle = served.model.bundle
     summary = np.arange(n) >= first_summary_row
-    a = assess(
-        table,
-        matrix,
-        score,
-        model_threshold,
-        kinds,
-        mahalanobis=bundle.mahalanobis,
-        watchlist=load_watchlist(_config["watchlist_dir"] if _config["enabled"] else None),
-        header_only=summary,
+    a = (
+        assess(
+            table,
+            matrix,
+            score,
+            model_threshold,
+            kinds,
+            mahalanobis=bundle.mahalanobis,
+            watchlist=load_watchlist(_config["watchlist_dir"]),
+            header_only=summary,
+        )
+        if _config["enabled"]
+        else forest_only(score, model_threshold)
     )
     base_absent = list(a.parts.absent)
     summary_absent = list(dict.fromkeys(base_absent + SUMMARY_ABSENT))

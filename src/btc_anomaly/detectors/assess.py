@@ -119,6 +119,27 @@ def assess(
     )
 
 
+def forest_only(anomaly_score: np.ndarray, threshold: np.ndarray) -> Assessment:
+    """The assessment with the detectors off (``Settings.risk_detectors=false``): the risk score is the
+    forest's share alone, and rules, watchlists and the Mahalanobis distance are named absent."""
+    n = len(anomaly_score)
+    hits = np.zeros((n, len(rules.RULES)), dtype=bool)
+    watch = empty_hits(n)
+    d = np.full(n, np.nan)
+    p_forest = forest_part(anomaly_score, threshold)
+    parts = Parts(p_forest, np.zeros(n), hits, watch, d, ["mahalanobis", "watchlists", "rules"])
+    risk = combine(p_forest, parts.p_mahalanobis, hits)
+    return Assessment(
+        risk_score=risk,
+        severity=severity_of(risk),
+        signals=signal_names(parts),
+        rule_hits=empty_hits(n),
+        watchlist_hits=watch,
+        mahalanobis=d,
+        parts=parts,
+    )
+
+
 def empty_hits(n: int) -> list[list[Any]]:
     shared: list[Any] = []
     return [shared] * n

@@ -43,8 +43,7 @@ import pandas as pd
 import pyarrow as pa
 
 from btc_anomaly.config import Settings, get_settings
-from btc_anomaly.detectors.assess import assess, empty_hits
-from btc_anomaly.detectors.risk import combine, forest_part, severity_of
+from btc_anomaly.detectors.assess import assess, forest_only
 from btc_anomaly.detectors.watchlist import HIT_TYPE, load_watchlist
 from btc_anomaly.features import INPUT_COLUMNS, compute_features
 from btc_anomaly.model.bundle import ModelBundle
@@ -228,26 +227,18 @@ def _risk_columns(
 ) -> dict[str, Any]:
     score = scored["anomaly_score"].to_numpy()
     threshold = scored["threshold"].to_numpy()
-    n = len(score)
-    if not detectors:
-        risk = combine(forest_part(score, threshold), np.zeros(n), np.zeros((n, 0), dtype=bool))
-        forest_only = ["forest"]
-        return {
-            "risk_score": risk,
-            "severity": severity_of(risk),
-            "signals": [forest_only if r > 0 else [] for r in risk.tolist()],
-            "rule_hits": empty_hits(n),
-            "watchlist_hits": empty_hits(n),
-            "mahalanobis": np.full(n, np.nan),
-        }
-    a = assess(
-        table,
-        features.to_numpy(dtype=np.float64),
-        score,
-        threshold,
-        scored["model_kind"].to_numpy(),
-        mahalanobis=bundle.mahalanobis,
-        watchlist=load_watchlist(settings.watchlist_dir),
+    a = (
+        assess(
+            table,
+            features.to_numpy(dtype=np.float64),
+            score,
+            threshold,
+            scored["model_kind"].to_numpy(),
+            mahalanobis=bundle.mahalanobis,
+            watchlist=load_watchlist(settings.watchlist_dir),
+        )
+        if detectors
+        else forest_only(score, threshold)
     )
     return {
         "risk_score": a.risk_score,
