@@ -215,6 +215,16 @@ class Settings(BaseSettings):
     stream_max_offsets_per_trigger: int = Field(
         200_000, description="Upper bound of Kafka records per micro-batch (0 = no bound)."
     )
+    stream_max_records_per_task: int = Field(
+        25_000,
+        description="Kafka's maxRecordsPerPartition: a large batch is read in tasks of at most this many "
+        "records, so 3 Kafka partitions keep every core busy (0 = one task per Kafka partition).",
+    )
+    stream_compact_every: int = Field(
+        50,
+        description="After this many micro-batches that wrote rows, the transactions query compacts the "
+        "date partitions they wrote (Delta OPTIMIZE of the files under 16 MB, between two batches; 0 = never).",
+    )
     stream_fail_on_data_loss: bool = Field(
         True,
         description="Stop the stream when Kafka deleted offsets it had not read yet (retention, topic reset).",

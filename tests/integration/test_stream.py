@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pandas as pd
 import pytest
+from deltalake import DeltaTable
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.replay_source import loop_hash
@@ -51,7 +52,10 @@ def settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
     return kafka_settings.model_copy(
         update={
             "lake_root": tmp_path / "lake",
-            "stream_max_offsets_per_trigger": 50_000,
+            # Several batches, and a compaction every two: the windows (read from the change feed)
+            # and the stored rows must not notice it.
+            "stream_max_offsets_per_trigger": 2_000,
+            "stream_compact_every": 2,
             "stream_metrics_port": 0,
             # The sample spans 2011-2025; nothing in it may count as late.
             "stream_watermark": "3650 days",
@@ -107,6 +111,12 @@ def test_stream_sample_duplicates_quarantine_confirmation_and_windows(
     assert sum(b.quarantined for b in batches) == len(bad)
 
     _assert_window_stats(settings, list(expected.values()))
+    compactions = [
+        h
+        for h in DeltaTable(str(settings.lake_table("transactions"))).history()
+        if h["operation"] == "OPTIMIZE"
+    ]
+    assert len(compactions) == len(batches) // 2 and len(batches) >= 4
 
     # Second run, from the checkpoint: confirmations arrive, plus more copies of stored txs.
     heights = {orjson.loads(line)["hash"]: 900_000 + i for i, line in enumerate(pending)}

@@ -53,6 +53,10 @@ def session_conf(settings: Settings) -> dict[str, str]:
         # batch that funnels every row into one write task. Files per batch stay bounded by the
         # source partitions (and are compacted), writes use every core.
         "spark.databricks.delta.merge.repartitionBeforeWrite.enabled": "false",
+        # The stream's compaction (sinks.compact) bin-packs files under 16 MB into files of up to 128 MB:
+        # with the default (every file under 1 GB) each run would rewrite the whole day's partition.
+        "spark.databricks.delta.optimize.minFileSize": str(16 << 20),
+        "spark.databricks.delta.optimize.maxFileSize": str(128 << 20),
         "spark.sql.adaptive.enabled": "true",
         "spark.sql.adaptive.coalescePartitions.enabled": "true",
         "spark.ui.enabled": "true" if settings.spark_ui else "false",

@@ -18,6 +18,7 @@ keeps going through broker restarts; a supervisor only has to restart it when th
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -32,8 +33,10 @@ from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, win
 from btc_anomaly.processing.parse import parse
 from btc_anomaly.processing.scoring_query import SCORING_QUERY, champion_exists, start_scoring_query
 from btc_anomaly.processing.sinks import (
+    TRANSACTIONS,
     BatchResult,
     Lake,
+    compact,
     ensure_tables,
     inserted_transactions,
     streaming_query_id,
@@ -63,6 +66,8 @@ def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
     )
     if settings.stream_max_offsets_per_trigger > 0:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.stream_max_offsets_per_trigger))
+    if settings.stream_max_records_per_task > 0:
+        reader = reader.option("maxRecordsPerPartition", str(settings.stream_max_records_per_task))
     return reader.load()
 
 
@@ -83,11 +88,14 @@ def start_transactions_query(
     available_now: bool = False,
     on_batch: BatchHook | None = None,
 ) -> StreamingQuery:
+    compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
+
     def handle(batch: DataFrame, batch_id: int) -> None:
         started = time.perf_counter()
         result = write_batch(
             batch, lake, batch_id, streaming_query_id(batch.sparkSession), settings.stream_dedup_lookback_days
         )
+        compactor.wrote(result.oldest)
         STREAM_QUARANTINED.inc(result.quarantined)
         log.info(
             "batch %d: %d inserted, %d updated, %d quarantined in %.2f s (%s)",
@@ -100,6 +108,7 @@ def start_transactions_query(
         )
         if on_batch is not None:
             on_batch(batch_id, result)
+        compactor.run_if_due(batch.sparkSession)
 
     return (
         parse(kafka_source(spark, settings))
@@ -109,6 +118,40 @@ def start_transactions_query(
         .foreachBatch(handle)
         .start()
     )
+
+
+@dataclass
+class Compactor:
+    """Compacts the date partitions the transactions query wrote, every ``every`` batches that wrote.
+
+    A small batch writes one file, and the MERGE of every later batch opens the files of the partitions
+    it searches, so they must not pile up. Compacting in the query's own batch handler, between two
+    batches, never competes with the query's commits, and the batch that trips it is not slowed by a
+    rewrite inside its own commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES)."""
+
+    path: str
+    every: int
+    since: dt.date | None = None  # oldest partition written since the last compaction
+    batches: int = 0  # batches that wrote since the last compaction
+
+    def wrote(self, oldest: dt.date | None) -> None:
+        if oldest is not None:
+            self.since = oldest if self.since is None else min(self.since, oldest)
+            self.batches += 1
+
+    def run_if_due(self, spark: SparkSession) -> None:
+        if self.every <= 0 or self.since is None or self.batches < self.every:
+            return
+        started = time.perf_counter()
+        replaced = compact(spark, self.path, self.since)
+        log.info(
+            "compacted transactions from %s: %d files replaced in %.2f s",
+            self.since,
+            replaced,
+            time.perf_counter() - started,
+        )
+        self.since = None
+        self.batches = 0
 
 
 def start_stats_query(
