@@ -11,7 +11,7 @@ A single-node broker is started on free ports in a temporary folder and the stre
   Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
 * ``backfill: window aggregates`` — the tx_stats query draining the MERGEd table's change feed.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
-  transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after 10 s of warm-up
+  transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after 30 s of warm-up
   traffic that is not measured), and a delta-rs reader polling the table every 50 ms: latency = first
   time a hash is readable in Delta minus its send time.
 
@@ -47,7 +47,7 @@ from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
 from btc_anomaly.schema import Transaction
 
 PARTITIONS = 3
-WARMUP_RECORDS = 40
+WARMUP_S = 30.0  # latency case: seconds of unmeasured traffic at the measured rate first
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 log = logging.getLogger("bench.stream")
 
@@ -211,21 +211,26 @@ def _latency(spark: Any, settings: Settings, rate: float, seconds: float) -> dic
         while time.monotonic() < deadline and not set(sent) <= set(watcher.seen):
             time.sleep(0.2)
 
-    # Warm-up, not measured: the first micro-batches with data pay one-off JIT and planning costs.
+    # Warm-up, not measured: the JVM compiles the MERGE path during the first few hundred batches
+    # (after 10 s of it, the first measured batches still took 2.9-4.5 s, later ones 1.2-1.8 s).
+    interval = 1.0 / rate
+    warmup = int(rate * WARMUP_S)
     warm: dict[str, float] = {}
-    for i in range(WARMUP_RECORDS):
+    started = time.perf_counter()
+    for i in range(warmup):
+        delay = started + i * interval - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
         send(i, warm)
-        time.sleep(0.25)
     p.flush()
     wait_visible(warm, 120)
     sent: dict[str, float] = {}
-    interval = 1.0 / rate
     started = time.perf_counter()
     for i in range(int(rate * seconds)):
         delay = started + i * interval - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        send(WARMUP_RECORDS + i, sent)
+        send(warmup + i, sent)
     p.flush()
     p.close()
     wait_visible(sent, 60)

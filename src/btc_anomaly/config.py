@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         "records, so 3 Kafka partitions keep every core busy (0 = one task per Kafka partition).",
     )
     stream_compact_every: int = Field(
-        50,
+        100,
         description="After this many micro-batches that wrote rows, the transactions query compacts the "
         "date partitions they wrote (Delta OPTIMIZE of the files under 16 MB, between two batches; 0 = never).",
     )
