@@ -61,6 +61,10 @@ class ManagedProcess:
     def cwd(self) -> Path | None:
         return None
 
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment (None: this process' own)."""
+        return None
+
     def exit_message(self, returncode: int) -> str:
         return f"{self.name} exited with {returncode}:\n{self.log_tail(2000)}"
 
@@ -70,7 +74,12 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:  # the child keeps its own copy of the descriptor
             self._proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd()
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.cwd(),
+                env=self.environment(),
             )
 
     def wait_ready(self, timeout_s: float) -> None:
