@@ -143,7 +143,13 @@ class Compactor:
         if self.every <= 0 or self.since is None or self.batches < self.every:
             return
         started = time.perf_counter()
-        replaced = compact(spark, self.path, self.since)
+        try:
+            replaced = compact(spark, self.path, self.since)
+        except Exception:
+            # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
+            log.exception("compaction of transactions from %s failed", self.since)
+            self.batches = 0
+            return
         log.info(
             "compacted transactions from %s: %d files replaced in %.2f s",
             self.since,
