@@ -105,18 +105,7 @@ def assess(
     p_forest = forest_part(anomaly_score, threshold)
     p_mahal = mahalanobis_part(d, q99, q999)
     absent = [] if mahalanobis else ["mahalanobis"]
-    parts = Parts(p_forest, p_mahal, hits, watch, d, absent)
-    weights = [watchlist_weights(w) if w else () for w in watch]
-    risk = combine(p_forest, p_mahal, hits, weights)
-    return Assessment(
-        risk_score=risk,
-        severity=severity_of(risk),
-        signals=signal_names(parts),
-        rule_hits=rules.RuleNames().rows(hits),
-        watchlist_hits=watch,
-        mahalanobis=d,
-        parts=parts,
-    )
+    return _assessment(Parts(p_forest, p_mahal, hits, watch, d, absent))
 
 
 def forest_only(anomaly_score: np.ndarray, threshold: np.ndarray) -> Assessment:
@@ -124,18 +113,22 @@ def forest_only(anomaly_score: np.ndarray, threshold: np.ndarray) -> Assessment:
     forest's share alone, and rules, watchlists and the Mahalanobis distance are named absent."""
     n = len(anomaly_score)
     hits = np.zeros((n, len(rules.RULES)), dtype=bool)
-    watch = empty_hits(n)
-    d = np.full(n, np.nan)
     p_forest = forest_part(anomaly_score, threshold)
-    parts = Parts(p_forest, np.zeros(n), hits, watch, d, ["mahalanobis", "watchlists", "rules"])
-    risk = combine(p_forest, parts.p_mahalanobis, hits)
+    absent = ["mahalanobis", "watchlists", "rules"]
+    return _assessment(Parts(p_forest, np.zeros(n), hits, empty_hits(n), np.full(n, np.nan), absent))
+
+
+def _assessment(parts: Parts) -> Assessment:
+    """Risk score, severity and the per-row lists from a batch's detector parts."""
+    weights = [watchlist_weights(w) if w else () for w in parts.watch_hits]
+    risk = combine(parts.p_forest, parts.p_mahalanobis, parts.rule_hits, weights)
     return Assessment(
         risk_score=risk,
         severity=severity_of(risk),
         signals=signal_names(parts),
-        rule_hits=empty_hits(n),
-        watchlist_hits=watch,
-        mahalanobis=d,
+        rule_hits=rules.RuleNames().rows(parts.rule_hits),
+        watchlist_hits=parts.watch_hits,
+        mahalanobis=parts.mahalanobis,
         parts=parts,
     )
 

@@ -133,10 +133,12 @@ def signal_names(parts: Parts) -> list[list[str]]:
     """Per row, the signals that raised its score: forest, mahalanobis, rule:<id>, watchlist:<list>."""
     # One integer per row says which of forest, mahalanobis and each rule fired; rows with the same
     # integer share one list.
-    n_rules = parts.rule_hits.shape[1] if parts.rule_hits.ndim == 2 else 0
-    keys = (parts.p_forest > 0).astype(np.int64) + 2 * (parts.p_mahalanobis > 0)
-    if n_rules and len(keys):
-        keys = keys + parts.rule_hits.astype(np.int64) @ (4 << np.arange(n_rules, dtype=np.int64))
+    n_rules = parts.rule_hits.shape[1]
+    keys = (
+        (parts.p_forest > 0).astype(np.int64)
+        + 2 * (parts.p_mahalanobis > 0)
+        + parts.rule_hits.astype(np.int64) @ (4 << np.arange(n_rules, dtype=np.int64))
+    )
     cache: dict[int, list[str]] = {}
     out: list[list[str]] = []
     for i, key in enumerate(keys.tolist()):
