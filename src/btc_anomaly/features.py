@@ -212,26 +212,26 @@ def _feature_matrix(table: pa.Table) -> np.ndarray:
     n = table.num_rows
     f: dict[str, np.ndarray] = {}
 
-    size = _num(table, "size")
-    vsize = _num(table, "vsize")
-    weight = _num(table, "weight")
-    fee = _num(table, "fee")  # NaN where unknown
-    input_value = _num(table, "input_value")
-    output_value = _num(table, "output_value")
+    size = numeric_column(table, "size")
+    vsize = numeric_column(table, "vsize")
+    weight = numeric_column(table, "weight")
+    fee = numeric_column(table, "fee")  # NaN where unknown
+    input_value = numeric_column(table, "input_value")
+    output_value = numeric_column(table, "output_value")
 
     f["log_vsize"] = np.log1p(vsize)
     witness = np.where(size > 0, (4.0 * size - weight) / (3.0 * size), 0.0)
     f["witness_share"] = _unit_interval(witness)
-    f["is_segwit"] = _num(table, "is_segwit")
-    f["rbf"] = _num(table, "rbf")
-    f["locktime_set"] = (_num(table, "locktime") > 0).astype(np.float64)
-    f["has_op_return"] = _num(table, "has_op_return")
+    f["is_segwit"] = numeric_column(table, "is_segwit")
+    f["rbf"] = numeric_column(table, "rbf")
+    f["locktime_set"] = (numeric_column(table, "locktime") > 0).astype(np.float64)
+    f["has_op_return"] = numeric_column(table, "has_op_return")
 
-    outputs = _list_column(table, "outputs")
-    inputs = _list_column(table, "inputs")
-    out_len = _lengths(outputs)
+    outputs = list_column(table, "outputs")
+    inputs = list_column(table, "inputs")
+    out_len = list_lengths(outputs)
     n_out = out_len.astype(np.float64)
-    n_in = _lengths(inputs).astype(np.float64)
+    n_in = list_lengths(inputs).astype(np.float64)
     f["log_input_count"] = np.log1p(n_in)
     f["log_output_count"] = np.log1p(n_out)
     f["log_output_value"] = np.log1p(output_value)
@@ -295,7 +295,7 @@ def features_from_transactions(txs: Iterable[Transaction | Mapping[str, Any]]) -
 def has_prevouts(df: pd.DataFrame | pa.Table) -> np.ndarray:
     """Rows whose fee and input value are known (so the full feature set applies). Coinbases never do."""
     if isinstance(df, pa.Table):
-        fee, input_value = _num(df, "fee"), _num(df, "input_value")
+        fee, input_value = numeric_column(df, "fee"), numeric_column(df, "input_value")
     else:
         fee = pd.to_numeric(df["fee"]).to_numpy(dtype=np.float64, na_value=np.nan)
         input_value = pd.to_numeric(df["input_value"]).to_numpy(dtype=np.float64, na_value=np.nan)
@@ -327,13 +327,15 @@ def _as_table(df: pd.DataFrame | pa.Table) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=list(INPUT_COLUMNS))
 
 
-def _num(table: pa.Table, name: str) -> np.ndarray:
+def numeric_column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric or boolean column as float64, NaN for null (also used by detectors/rules.py)."""
     # Arrow gives nullable ints as float64 with NaN and nullable bools as objects with None (→ NaN here);
     # NumPy's conversion instead of two pc.cast calls: ~1 µs per column instead of ~8-14 (one-tx requests).
     return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
 
 
-def _list_column(table: pa.Table, name: str) -> pa.ListArray:
+def list_column(table: pa.Table, name: str) -> pa.ListArray:
+    """A list column as one array, null lists as empty ones."""
     col = table.column(name)
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if arr.null_count:
@@ -341,8 +343,8 @@ def _list_column(table: pa.Table, name: str) -> pa.ListArray:
     return arr
 
 
-def _lengths(lists: pa.ListArray) -> np.ndarray:
-    """Per row, the list's length (``lists`` has no nulls: see ``_list_column``)."""
+def list_lengths(lists: pa.ListArray) -> np.ndarray:
+    """Per row, the list's length (``lists`` has no nulls: see ``list_column``)."""
     return np.diff(lists.offsets.to_numpy()).astype(np.int64)
 
 
@@ -393,7 +395,7 @@ def _address_reuse(inputs: pa.ListArray, outputs: pa.ListArray, out_parent: np.n
     out_addr = outputs.flatten().field("address")
     if not len(in_addr) or not len(out_addr):
         return np.zeros(n)
-    in_parent = np.repeat(np.arange(n, dtype=np.int64), _lengths(inputs))
+    in_parent = np.repeat(np.arange(n, dtype=np.int64), list_lengths(inputs))
     # One dictionary over both sides turns "same address" into "same integer code".
     both = pc.dictionary_encode(pa.concat_arrays([in_addr, out_addr]))
     indices = both.indices

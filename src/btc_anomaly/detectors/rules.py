@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from btc_anomaly.features import DUST_LIMIT_SAT
+from btc_anomaly.features import DUST_LIMIT_SAT, list_column, list_lengths, numeric_column
 
 COIN = 100_000_000
 
@@ -75,22 +75,6 @@ OLD_SCRIPTS = ("pubkey", "multisig")
 SMALL = 256  # elements below which a column is scanned in Python
 
 
-def _num(table: pa.Table, name: str) -> np.ndarray:
-    # Nullable ints come out as float64 with NaN for null (what the fee rules want).
-    return np.asarray(table.column(name).to_numpy(), dtype=np.float64)
-
-
-def _lists(table: pa.Table, name: str) -> pa.ListArray:
-    col = table.column(name)
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return pc.fill_null(arr, pa.scalar([], type=arr.type)) if arr.null_count else arr
-
-
-def _lengths(lists: pa.ListArray) -> np.ndarray:
-    offsets = lists.offsets.to_numpy()
-    return np.diff(offsets).astype(np.int64)
-
-
 def _script_flags(script: pa.Array, names: tuple[str, ...]) -> np.ndarray:
     """Per element, whether its script type is one of ``names`` (one dictionary pass, no per-call hash set)."""
     if not len(script):
@@ -115,8 +99,8 @@ def evaluate(table: pa.Table) -> np.ndarray:
     hits = np.zeros((n, len(RULES)), dtype=bool)
     if n == 0:
         return hits
-    outputs, inputs = _lists(table, "outputs"), _lists(table, "inputs")
-    n_out, n_in = _lengths(outputs), _lengths(inputs)
+    outputs, inputs = list_column(table, "outputs"), list_column(table, "inputs")
+    n_out, n_in = list_lengths(outputs), list_lengths(inputs)
     out_flat = outputs.flatten()
     parent = np.repeat(np.arange(n), n_out)
     value = out_flat.field("value").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -137,7 +121,11 @@ def evaluate(table: pa.Table) -> np.ndarray:
     round_big = (value >= 10 * COIN) & (value % COIN == 0)
     hits[:, col["round_large_transfer"]] = np.bincount(parent, weights=round_big, minlength=n) > 0
 
-    fee, vsize, input_value = _num(table, "fee"), _num(table, "vsize"), _num(table, "input_value")
+    fee, vsize, input_value = (
+        numeric_column(table, "fee"),
+        numeric_column(table, "vsize"),
+        numeric_column(table, "input_value"),
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         fee_rate = np.where(vsize > 0, fee / vsize, np.nan)
         fee_share = np.where(input_value > 0, fee / input_value, np.nan)
@@ -153,7 +141,7 @@ def evaluate(table: pa.Table) -> np.ndarray:
         + np.bincount(in_parent, weights=old_in, minlength=n)
     ) > 0
 
-    hits[:, col["op_return_payload"]] = _num(table, "has_op_return") > 0
+    hits[:, col["op_return_payload"]] = numeric_column(table, "has_op_return") > 0
     hits[:, col["large_consolidation"]] = (n_in >= 100) & (n_out <= 2)
     return hits
 
