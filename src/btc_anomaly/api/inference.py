@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from btc_anomaly.api.model_holder import Served
-from btc_anomaly.api.risk import risk_rows
+from btc_anomaly.api.risk import risk_columns
 from btc_anomaly.api.schemas import ExplainMode, SummaryTransaction
 from btc_anomaly.api.telemetry import record_predictions
 from btc_anomaly.features import (
@@ -204,7 +204,10 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
         explain_matrix(bundle, matrix, kinds, row_of[explain_item], top_k) if explain_item.any() else {}
     )
     # Risk score, severity, rule/watchlist hits (detectors) from the same table and matrix (api/risk.py).
-    risk = risk_rows(served, table, matrix, score, model_thr, kinds, n_canon)
+    rc = risk_columns(served, table, matrix, score, model_thr, kinds, n_canon)
+    risk_score, severity, signals = rc["risk_score"], rc["severity"], rc["signals"]
+    rule_hits, watchlist_hits, distance = rc["rule_hits"], rc["watchlist_hits"], rc["mahalanobis"]
+    risk_detail, absent = rc["risk_detail"], rc["absent_signals"]
 
     ref = served.ref
     score_l, thr_l, model_thr_l, flags_l = score.tolist(), thr.tolist(), model_thr.tolist(), flags.tolist()
@@ -225,7 +228,14 @@ def predict_jobs(served: Served, jobs: Sequence[Job], *, top_k: int = 3) -> list
                 "reasons": _reasons(reasons, summary, kind) if reasons else [],
                 "missing_features": (_MISSING_SUMMARY if summary else _MISSING_CANONICAL)[kind],
                 "model": ref,
-                **risk[r],
+                "risk_score": risk_score[r],
+                "severity": severity[r],
+                "signals": signals[r],
+                "rule_hits": rule_hits[r],
+                "watchlist_hits": watchlist_hits[r],
+                "mahalanobis": distance[r],
+                "risk_detail": risk_detail[r],
+                "absent_signals": absent[r],
             }
         )
     results, start = [], 0

@@ -1,6 +1,6 @@
 """The per-transaction detectors for /predict and /predict/raw: risk score, severity, signals, hits.
 
-``inference.predict_jobs`` (coalesced, NumPy) calls ``risk_rows`` with its batch's canonical columns and
+``inference.predict_jobs`` (coalesced, NumPy) calls ``risk_columns`` with its batch's canonical columns and
 ``compute_features`` matrix; it adds what ``model.scoring.score_frame`` adds for the stream, with the same
 code (``detectors.assess``), so the API and scored_transactions agree. 8-field bodies have no inputs or outputs: only the header rules apply to them, and their
 ``absent_signals`` say which signals could not be computed.
@@ -22,7 +22,7 @@ from btc_anomaly.detectors.watchlist import load_watchlist
 SUMMARY_ABSENT = ["mahalanobis", "watchlists", "output_rules"]
 
 # Set from the app's Settings when its routes are built (routes_lake.router): inference.predict_jobs, which
-# calls ``risk_rows``, only receives the served model.
+# calls ``risk_columns``, only receives the served model.
 _config: dict[str, Any] = {"watchlist_dir": None, "enabled": True}
 
 
@@ -31,7 +31,7 @@ def configure(settings: Settings) -> None:
     _config["enabled"] = settings.risk_detectors
 
 
-def risk_rows(
+def risk_columns(
     served: Served,
     table: pa.Table,
     matrix: np.ndarray,
@@ -39,9 +39,11 @@ def risk_rows(
     model_threshold: np.ndarray,
     kinds: np.ndarray,
     first_summary_row: int,
-) -> list[dict[str, Any]]:
-    """The risk fields of every feature row of a ``predict_jobs`` batch (rows from ``first_summary_row`` on
-    are 8-field bodies). Uses the batch's own table and feature matrix: nothing is computed twice.
+) -> dict[str, list[Any]]:
+    """The risk fields (``RISK_FIELDS``) of every feature row of a ``predict_jobs`` batch, one list per
+    field (rows from ``first_summary_row`` on are 8-field bodies). Uses the batch's own table and feature
+    matrix: nothing is computed twice. Columns, not a dict per row: ``predict_jobs`` puts them straight
+    into its response rows.
 
     ``model_threshold``, not a request's ``?threshold=``: a transaction's risk does not depend on how one
     caller chose to label it.
@@ -68,18 +70,14 @@ def risk_rows(
     quantiles = {k: (m.q99, m.q999) for k, m in (bundle.mahalanobis or {}).items()}
     kinds_l = [str(k) for k in kinds]
     detail = details(a.parts, a.rule_hits, score, model_threshold, [quantiles.get(k) for k in kinds_l])
-    risk_l, severity_l, dist_l = a.risk_score.tolist(), a.severity.tolist(), a.mahalanobis.tolist()
-    summary_l = summary.tolist()
-    return [
-        {
-            "risk_score": risk_l[r],
-            "severity": severity_l[r],
-            "signals": a.signals[r],
-            "rule_hits": a.rule_hits[r],
-            "watchlist_hits": a.watchlist_hits[r],
-            "mahalanobis": None if dist_l[r] != dist_l[r] else dist_l[r],  # NaN: absent
-            "risk_detail": detail[r],
-            "absent_signals": summary_absent if summary_l[r] else base_absent,
-        }
-        for r in range(n)
-    ]
+    return {
+        "risk_score": a.risk_score.tolist(),
+        "severity": a.severity.tolist(),
+        "signals": a.signals,
+        "rule_hits": a.rule_hits,
+        "watchlist_hits": a.watchlist_hits,
+        # NaN: absent
+        "mahalanobis": [None if d != d else d for d in a.mahalanobis.tolist()],
+        "risk_detail": detail,
+        "absent_signals": [summary_absent if s else base_absent for s in summary.tolist()],
+    }
