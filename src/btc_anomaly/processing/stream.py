@@ -63,6 +63,7 @@ def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
         .option("startingOffsets", settings.stream_starting_offsets)
         .option("failOnDataLoss", str(settings.stream_fail_on_data_loss).lower())
         .option("includeHeaders", "false")
+        .option("kafka.fetch.max.wait.ms", str(settings.stream_kafka_fetch_max_wait_ms))
     )
     if settings.stream_max_offsets_per_trigger > 0:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.stream_max_offsets_per_trigger))
