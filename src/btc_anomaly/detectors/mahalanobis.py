@@ -67,8 +67,10 @@ class MahalanobisModel:
             quad = np.add.accumulate(y * D, axis=1)[:, -1]
             return np.sqrt(np.maximum(quad, 0.0))
         y = np.zeros((n, k))
+        term = np.empty((n, k))
         for b in range(k):  # y[:, a] += d_b * P_ba, for every a at once
-            y += D[:, b, None] * self.precision[b][None, :]
+            np.multiply(D[:, b, None], self.precision[b][None, :], out=term)
+            y += term
         yd = np.ascontiguousarray((y * D).T)  # one contiguous vector per feature
         quad = np.zeros(n)
         for a in range(k):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from btc_anomaly.detectors.rules import RULES, RULES_BY_ID, WEIGHTS
+from btc_anomaly.detectors.rules import RULES, WEIGHTS
 
 SEVERITIES = ("low", "medium", "high", "severe")
 SEVERITY_BANDS = (25.0, 50.0, 75.0)  # lower bounds of medium, high, severe
@@ -154,6 +154,14 @@ def signal_names(parts: Parts) -> list[list[str]]:
     return out
 
 
+# A rule's entry is the same for every row: built once and shared by the rows it fired on (the rows are
+# serialized, never modified).
+_RULE_DETAILS = {
+    r.id: {"signal": f"rule:{r.id}", "points": round(100 * r.weight, 2), "detail": r.description}
+    for r in RULES
+}
+
+
 def details(
     parts: Parts,
     rule_ids: Sequence[Sequence[str]],
@@ -188,11 +196,7 @@ def details(
                     "detail": f"distance {dist[i]:.1f} from the training mean{extra}",
                 }
             )
-        for rid in rule_ids[i]:
-            r = RULES_BY_ID[rid]
-            row.append(
-                {"signal": f"rule:{r.id}", "points": round(100 * r.weight, 2), "detail": r.description}
-            )
+        row.extend(_RULE_DETAILS[rid] for rid in rule_ids[i])
         seen: set[tuple[str, str]] = set()
         for h in parts.watch_hits[i]:
             if (h["list"], h["address"]) in seen:
