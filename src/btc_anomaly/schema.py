@@ -182,6 +182,8 @@ def _unwrap(annotation: Any) -> tuple[Any, bool, list[Any]]:
                 metadata.extend(getattr(m, "metadata", [m]))
         elif origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:  # every reader of the result assumes one type per field
+                raise TypeError(f"unions other than X | None are not supported: {annotation}")
             nullable = nullable or len(args) < len(typing.get_args(annotation))
             annotation = args[0]
         else:

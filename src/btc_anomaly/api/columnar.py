@@ -21,7 +21,6 @@ holds both paths to that, on hand-made and generated bodies.
 from __future__ import annotations
 
 import datetime as dt
-import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+
+from btc_anomaly.schema import _unwrap
 
 Kind = Literal["int", "str", "bool", "datetime", "literal", "list"]
 
@@ -83,17 +84,13 @@ def rules_of(model: type[BaseModel]) -> tuple[Rule, ...]:
 
 
 def _rule(name: str, info: FieldInfo) -> Rule:
-    annotation, constraints = _peel(info.rebuild_annotation())
-    nullable = False
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"{name}: unions other than X | None are not supported: {annotation}")
-        nullable = len(rest) < len(args)
-        annotation, more = _peel(rest[0])
-        constraints = {**constraints, **more}
-    common = {"name": name, "required": info.is_required(), "nullable": nullable, **constraints}
+    annotation, nullable, metadata = _unwrap(info.rebuild_annotation())
+    common = {
+        "name": name,
+        "required": info.is_required(),
+        "nullable": nullable,
+        **_constraints(name, metadata),
+    }
     origin = typing.get_origin(annotation)
     if annotation is bool:  # before int: bool is an int subclass
         return Rule(kind="bool", **common)
@@ -112,34 +109,23 @@ def _rule(name: str, info: FieldInfo) -> Rule:
     raise TypeError(f"{name}: no columnar check for {annotation}")
 
 
-def _peel(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """``Annotated[T, ...]`` → (T, its constraints as Rule keyword arguments)."""
+def _constraints(name: str, metadata: Iterable[Any]) -> dict[str, Any]:
+    """A field's constraint metadata (``schema._unwrap``) as Rule keyword arguments."""
     constraints: dict[str, Any] = {}
-    while typing.get_origin(annotation) is typing.Annotated:
-        args = typing.get_args(annotation)
-        annotation = args[0]
-        for meta in annotation_metadata(args[1:]):
-            if isinstance(meta, annotated_types.Ge):
-                constraints["ge"] = meta.ge
-            elif isinstance(meta, annotated_types.Gt):
-                constraints["ge"] = meta.gt + 1  # integers only (checked by the kind)
-            elif isinstance(meta, annotated_types.Le):
-                constraints["le"] = meta.le
-            elif isinstance(meta, annotated_types.Lt):
-                constraints["le"] = meta.lt - 1
-            elif isinstance(pattern := getattr(meta, "pattern", None), str):  # pydantic's Field(pattern=)
-                constraints["pattern"] = pattern
-            else:
-                raise TypeError(f"no columnar check for the constraint {meta!r}")
-    return annotation, constraints
-
-
-def annotation_metadata(metadata: Iterable[Any]) -> Iterable[Any]:
     for meta in metadata:
-        if isinstance(meta, FieldInfo):  # Annotated[int, Field(ge=0)] inside a union
-            yield from meta.metadata
+        if isinstance(meta, annotated_types.Ge):
+            constraints["ge"] = meta.ge
+        elif isinstance(meta, annotated_types.Gt):
+            constraints["ge"] = meta.gt + 1  # integers only (checked by the kind)
+        elif isinstance(meta, annotated_types.Le):
+            constraints["le"] = meta.le
+        elif isinstance(meta, annotated_types.Lt):
+            constraints["le"] = meta.lt - 1
+        elif isinstance(pattern := getattr(meta, "pattern", None), str):  # pydantic's Field(pattern=)
+            constraints["pattern"] = pattern
         else:
-            yield meta
+            raise TypeError(f"{name}: no columnar check for the constraint {meta!r}")
+    return constraints
 
 
 # --- the checks -----------------------------------------------------------------------------------------
