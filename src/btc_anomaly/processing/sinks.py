@@ -295,7 +295,7 @@ def merge_transactions(
     spark = source.sparkSession
 
     def scope(prefix: str = "") -> str:
-        return f"{prefix}{tables.DATE_COLUMN} >= DATE'{since.isoformat()}'" if since is not None else "TRUE"
+        return from_date(since, prefix) if since is not None else "TRUE"
 
     result = result if result is not None else BatchResult()
     confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
@@ -328,6 +328,11 @@ def merge_transactions(
     return result
 
 
+def from_date(since: dt.date, prefix: str = "") -> str:
+    """SQL predicate: date partitions from ``since`` on (``prefix``: the table alias, e.g. ``t.``)."""
+    return f"{prefix}{tables.DATE_COLUMN} >= DATE'{since.isoformat()}'"
+
+
 def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
     """Bin-pack the small files of ``transactions``' date partitions from ``since`` on (all when None);
     returns the number of files it replaced. A compaction changes no data (``dataChange=false``): the
@@ -336,7 +341,7 @@ def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
 
     optimize = DeltaTable.forPath(spark, path).optimize()
     if since is not None:
-        optimize = optimize.where(f"{tables.DATE_COLUMN} >= DATE'{since.isoformat()}'")
+        optimize = optimize.where(from_date(since))
     metrics = optimize.executeCompaction().first()
     return int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
 
