@@ -198,17 +198,17 @@ def _latency(
     from btc_anomaly.processing.sinks import Lake
     from btc_anomaly.processing.stream import StreamRunner, start_stats_query, stop_gracefully
 
-    runner = StreamRunner(settings, spark)
+    runner: StreamRunner | None = None
     baseline: list[Any] = []
     if append:
         baseline = [
             _append_query(spark, settings, available_now=False),
             start_stats_query(spark, settings, Lake.from_settings(settings)),
         ]
-        stream = threading.Thread(target=runner.stop_event.wait, daemon=True)
     else:
+        runner = StreamRunner(settings, spark)
         stream = threading.Thread(target=runner.run_forever, daemon=True)
-    stream.start()
+        stream.start()
     watcher = _Visibility(settings.lake_table("transactions"))
     watcher.start()
     templates = [Transaction.from_json(line) for line in read_lines([SAMPLE])]
@@ -252,8 +252,9 @@ def _latency(
     p.close()
     wait_visible(sent, 60)
     watcher.stop.set()
-    runner.stop_event.set()
-    stream.join(timeout=120)
+    if runner is not None:
+        runner.stop_event.set()
+        stream.join(timeout=120)
     for query in baseline:
         stop_gracefully(query)
     latencies = np.array([watcher.seen[h] - t for h, t in sent.items() if h in watcher.seen])
