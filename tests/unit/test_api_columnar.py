@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from btc_anomaly.api import inference
 from btc_anomaly.api.body import BodyParser
-from btc_anomaly.api.columnar import parse_columns, rules_of
+from btc_anomaly.api.columnar import ColumnarParser, rules_of
 from btc_anomaly.api.errors import BodyValidationError
 from btc_anomaly.api.schemas import CanonicalTransaction
 from btc_anomaly.schema import TxInput, TxOutput
@@ -166,9 +166,15 @@ def test_unedited_and_lax_bodies() -> None:
     assert PARSER.canonical_batch(orjson.dumps(lax)) is None and _models(orjson.dumps(lax)) is not None
 
 
-def test_over_the_limit_is_counted_not_validated() -> None:
-    rules = rules_of(CanonicalTransaction)
-    assert parse_columns(orjson.dumps(RECORDS), rules, PARSER.canonical_schema, 10) == len(RECORDS)
+def test_over_the_limit_is_counted() -> None:
+    parser = ColumnarParser(CanonicalTransaction, PARSER.columnar.schema, 10)
+    assert parser.parse(orjson.dumps(RECORDS)) == len(RECORDS)
+
+
+def test_a_checked_column_left_out_of_the_schema_is_refused() -> None:
+    schema = PARSER.columnar.schema
+    with pytest.raises(ValueError, match="hash"):
+        ColumnarParser(CanonicalTransaction, schema.remove(schema.get_field_index("hash")), 10)
 
 
 def test_a_constraint_without_a_columnar_check_is_refused() -> None:

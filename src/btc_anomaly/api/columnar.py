@@ -1,34 +1,34 @@
 """Columnar validation of large arrays of canonical transactions: POST /predict's fast path.
 
 Validating a 1,000-transaction body through the models builds ~5,000 frozen Python objects (each
-transaction, input and output), and even a TypedDict mirror of them still builds every dict through
-pydantic-core: ~6 ms of a ~20 ms request, before the Arrow table the feature function reads is built
-from those dicts (bench/RESULTS.md, API section). Here the body is parsed once (orjson) and converted
-to Arrow with type *inference*, which is a strict JSON type check on the way: an integer field holding a
-float (``5.5``, ``5.0``) or a bool, a string field holding a number, a bool holding ``1``, an input that
-is not an object, or an object key no model has, comes out as another Arrow type or another column.
-The models' field rules (required, nullable, bounds, patterns, literals) are derived from the models
-themselves (``rules_of``) and checked column by column; their validators by ``consistent``
-(``COLUMNAR_VALIDATORS`` lists them; a test compares that list with the models').
+transaction, input and output) before the Arrow table the feature function reads is built from them:
+~8 ms of a ~20 ms request (bench/RESULTS.md, API section). Here the body is decoded by msgspec into
+Structs generated from the models' own field rules (``rules_of`` → ``struct_of``): one strict pass in C
+that checks the JSON types, required and nullable fields, unknown keys, integer bounds and literals. The
+Structs' fields become Arrow columns (``ColumnarParser``), where patterns and timestamps are checked with
+RE2 and the models' validators by ``consistent`` (``COLUMNAR_VALIDATORS`` lists them; a test compares
+that list with the models').
 
 The path only ever *accepts*: a body it accepts is one the models accept, with the same values. Whatever
-it is not sure about — lax-mode coercions the models allow (``"5"`` for 5), a key missing from the first
-object only, a timestamp written as a number — makes it return None, and the caller validates the body
-through the models, which give the 422/413 answers with field-level messages. tests/unit/test_api_body.py
-holds both paths to that, on hand-made and generated bodies.
+it is not sure about — lax-mode coercions the models allow (``"5"`` or ``5.0`` for 5, ``1`` for true), a
+timestamp written as a number — makes it return None, and the caller validates the body through the
+models, which give the 422/413 answers with field-level messages. tests/unit/test_api_body.py and
+test_api_columnar.py hold both paths to that, on hand-made and generated bodies.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from itertools import chain
+from operator import attrgetter
+from typing import Annotated, Any, Literal
 
 import annotated_types
+import msgspec
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
@@ -36,15 +36,10 @@ from pydantic.fields import FieldInfo
 
 from btc_anomaly.schema import _unwrap
 
+UNSET = msgspec.UNSET
+
 Kind = Literal["int", "str", "bool", "datetime", "literal", "list"]
 
-_ARROW_TYPE: dict[str, pa.DataType] = {
-    "int": pa.int64(),
-    "str": pa.string(),
-    "bool": pa.bool_(),
-    "datetime": pa.string(),
-    "literal": pa.string(),
-}
 # RFC 3339 with a "T", at most microseconds, a year from 1900 and valid time fields (no leap second): a
 # form pydantic reads for sure. It accepts more (unix numbers, a space separator...): the model path.
 _TIMESTAMP = (
@@ -128,137 +123,149 @@ def _constraints(name: str, metadata: Iterable[Any]) -> dict[str, Any]:
     return constraints
 
 
-# --- the checks -----------------------------------------------------------------------------------------
+# --- the strict decoder --------------------------------------------------------------------------------
+
+
+def struct_of(name: str, rules: Sequence[Rule]) -> type[msgspec.Struct]:
+    """A msgspec Struct that decodes exactly the JSON objects whose keys and values pass ``rules``' kinds,
+    bounds, literals and required/nullable semantics, without coercion (msgspec is strict: no ``"5"``,
+    ``5.0`` or ``true`` for an integer). Patterns and timestamps are checked on the Arrow columns
+    (``ColumnarParser.parse``), with RE2, whose anchors mean what they mean in pydantic's Rust regex (Python's
+    ``$`` also matches before a final newline)."""
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for rule in rules:
+        kind = _msgspec_type(name, rule)
+        if rule.required:
+            fields.append((rule.name, kind | None if rule.nullable else kind))
+        elif rule.nullable:
+            fields.append((rule.name, kind | None, None))
+        else:  # a default but no null: a missing key is UNSET, an explicit null an error
+            fields.append((rule.name, kind | msgspec.UnsetType, msgspec.UNSET))
+    return msgspec.defstruct(name, fields, kw_only=True, forbid_unknown_fields=True, gc=False)
+
+
+def _msgspec_type(name: str, rule: Rule) -> Any:
+    if rule.kind == "int":
+        bounds = {k: v for k, v in (("ge", rule.ge), ("le", rule.le)) if v is not None}
+        return Annotated[int, msgspec.Meta(**bounds)] if bounds else int
+    if rule.kind in ("str", "datetime"):
+        return str
+    if rule.kind == "bool":
+        return bool
+    if rule.kind == "literal":
+        return Literal[rule.choices]
+    return list[struct_of(f"{name}_{rule.name}", rule.items)]  # type: ignore[misc]
+
+
+# --- the columns ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Columns:
-    """A validated body: the hashes in order, and the fields as a table of ``parse_columns``' schema."""
+    """A validated body: the hashes in order, and the fields as a table of ``ColumnarParser.schema``."""
 
     hashes: list[str]
     table: pa.Table
 
 
-def parse_columns(
-    body: bytes, rules: Sequence[Rule], schema: pa.Schema, max_items: int
-) -> Columns | int | None:
-    """``body`` (a JSON array) validated column-wise against ``rules``, as a table of ``schema`` (the
-    rules' fields; datetimes as strings): ``Columns``; the number of items when there are more than
-    ``max_items`` (the caller's 413); None when the models must decide."""
-    try:
-        rows = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if type(rows) is not list or not rows or any(type(r) is not dict for r in rows):
-        return None
-    if len(rows) > max_items:
-        return len(rows)
-    # Arrow takes the columns from the first object: every other object must have no key it lacks.
-    names = {r.name for r in rules}
-    first = set(rows[0])
-    if not first <= names or not set().union(*rows) <= first:
-        return None
-    try:
-        inferred = pa.Table.from_pylist(rows)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError):
-        return None
-    columns: list[pa.Array] = []
+class ColumnarParser:
+    """JSON arrays of ``model`` objects → ``Columns`` of ``schema`` (a subset of the model's fields, with
+    datetimes as the strings sent), or None when the models must decide."""
+
+    def __init__(self, model: type[BaseModel], schema: pa.Schema, max_items: int) -> None:
+        self.rules = rules_of(model)
+        self.schema = schema
+        self.max_items = max_items
+        self._decoder = msgspec.json.Decoder(list[struct_of(model.__name__, self.rules)])  # type: ignore[valid-type]
+        by_name = {r.name: r for r in self.rules}
+        self._built = [by_name[f.name] for f in schema]
+        _require_checked_columns(self.rules, schema)
+
+    def parse(self, body: bytes) -> Columns | int | None:
+        """``Columns``; the number of items when there are more than ``max_items`` (the caller's 413);
+        None when the models must decide (invalid, or valid only in pydantic's lax mode)."""
+        try:
+            objects = self._decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if not objects:
+            return None
+        if len(objects) > self.max_items:
+            return len(objects)
+        try:
+            arrays = _arrays(objects, self._built, list(self.schema))
+        except (pa.ArrowException, OverflowError):  # an integer beyond int64 (no bound in the model)
+            return None
+        if arrays is None:
+            return None
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
+        if not consistent(table):
+            return None
+        return Columns(table.column("hash").to_pylist(), table)
+
+
+def _require_checked_columns(rules: Sequence[Rule], schema: pa.Schema | pa.StructType) -> None:
+    """Every field whose pattern or timestamp is checked on Arrow (or a list holding one) must be built."""
+    fields = {f.name: f for f in schema}
     for rule in rules:
-        present = rule.name in first
-        column = inferred.column(rule.name).combine_chunks() if present else None
-        checked = _check(rule, column, schema.field(rule.name).type, len(rows), lambda: rows)
-        if checked is None:
+        if rule.name not in fields:
+            if _checked_on_arrow(rule):
+                raise ValueError(f"{rule.name} is checked on its column: the schema must include it")
+        elif rule.kind == "list":
+            _require_checked_columns(rule.items, fields[rule.name].type.value_type)
+
+
+def _checked_on_arrow(rule: Rule) -> bool:
+    return (
+        rule.pattern is not None
+        or rule.kind == "datetime"
+        or (rule.kind == "list" and any(map(_checked_on_arrow, rule.items)))
+    )
+
+
+def _arrays(
+    objects: Sequence[Any], rules: Sequence[Rule], fields: Sequence[pa.Field]
+) -> list[pa.Array] | None:
+    """The ``fields`` of decoded Structs as Arrow arrays, or None if a pattern or timestamp fails."""
+    n = len(objects)
+    if n == 0:
+        return [pa.array([], type=f.type) for f in fields]
+    get = attrgetter(*(r.name for r in rules))
+    values = list(zip(*map(get, objects), strict=True)) if len(rules) > 1 else [tuple(map(get, objects))]
+    arrays = []
+    for rule, field, column in zip(rules, fields, values, strict=True):
+        if rule.kind == "list":
+            array = _list_array(rule, field.type, column)
+        else:
+            data = column if rule.required or rule.nullable else [None if v is UNSET else v for v in column]
+            array = pa.array(data, type=field.type)
+        if array is None or not _passes(rule, array):
             return None
-        columns.append(checked)
-    table = pa.Table.from_arrays(columns, schema=schema)
-    if not consistent(table):
+        arrays.append(array)
+    return arrays
+
+
+def _list_array(rule: Rule, target: pa.ListType, lists: Sequence[list[Any]]) -> pa.Array | None:
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, lists), np.int32, count=len(lists)), out=offsets[1:])
+    item_type: pa.StructType = target.value_type
+    item_fields = list(item_type)
+    by_name = {r.name: r for r in rule.items}
+    children = _arrays(list(chain.from_iterable(lists)), [by_name[f.name] for f in item_fields], item_fields)
+    if children is None:
         return None
-    return Columns(table.column("hash").to_pylist(), table)
+    struct = pa.StructArray.from_arrays(children, fields=item_fields)
+    return pa.ListArray.from_arrays(pa.array(offsets), struct, type=target)
 
 
-_MISSING = object()
-
-
-Objects = Callable[[], Iterable[dict[str, Any]]]
-
-
-def _check(
-    rule: Rule, column: pa.Array | None, target: pa.DataType, n: int, objects: Objects
-) -> pa.Array | None:
-    """``column`` (inferred from the ``n`` JSON objects ``objects()`` yields; None = the key is in none of
-    them) checked against ``rule``, as ``target``; None if it fails. The objects themselves are read only
-    to tell a missing key from an explicit null, where that decides (Arrow makes both null)."""
-    if column is None:  # the key is in no object: the default everywhere, if the field has one
-        return None if rule.required and n else pa.nulls(n, target)
-    if pa.types.is_null(column.type):  # null (or missing) everywhere
-        column = pa.nulls(n, target)
-    elif rule.kind == "list":
-        if not pa.types.is_list(column.type):
-            return None
-        column = _check_items(rule, column, target, lambda: _items(objects(), rule.name))
-        if column is None:
-            return None
-    elif column.type != _ARROW_TYPE[rule.kind]:
-        return None
-    if column.null_count and not _nulls_allowed(rule, (o.get(rule.name, _MISSING) for o in objects())):
-        return None
-    valid = column.drop_null() if column.null_count else column
-    if not len(valid):
-        return column
-    if rule.kind == "int" and (rule.ge is not None or rule.le is not None):
-        lo, hi = pc.min_max(valid).values()
-        if (rule.ge is not None and lo.as_py() < rule.ge) or (rule.le is not None and hi.as_py() > rule.le):
-            return None
-    if rule.pattern is not None and not pc.all(pc.match_substring_regex(valid, rule.pattern)).as_py():
-        return None
-    if rule.kind == "literal" and not pc.all(pc.is_in(valid, value_set=pa.array(rule.choices))).as_py():
-        return None
-    if rule.kind == "datetime" and not _timestamps(valid):
-        return None
-    return column
-
-
-def _nulls_allowed(rule: Rule, values: Iterable[Any]) -> bool:
-    """Whether the nulls of a column are valid; ``values``: the raw value per object (or ``_MISSING``)."""
-    if not rule.required and rule.nullable:
+def _passes(rule: Rule, array: pa.Array) -> bool:
+    """The checks the decoder leaves to Arrow: patterns (RE2) and timestamps (items: ``_list_array``)."""
+    if rule.kind == "list" or not _checked_on_arrow(rule):
         return True
-    if rule.required and not rule.nullable:
+    valid = array.drop_null() if array.null_count else array
+    if rule.pattern is not None and not pc.all(pc.match_substring_regex(valid, rule.pattern)).as_py():
         return False
-    if rule.required:  # nullable but required: each null must be an explicit one
-        return not any(v is _MISSING for v in values)
-    return not any(v is None for v in values)  # has a default: each null must be a missing key
-
-
-def _items(objects: Iterable[dict[str, Any]], name: str) -> Iterable[dict[str, Any]]:
-    """The items of every object's ``name`` list (dicts: the inferred Arrow type said so)."""
-    for o in objects:
-        yield from o.get(name) or ()
-
-
-def _check_items(rule: Rule, column: pa.Array, target: pa.DataType, items: Objects) -> pa.Array | None:
-    """A ``list<struct>`` column (of the list items ``items()`` yields) against the item model's rules,
-    rebuilt as ``target``."""
-    if column.offset:
-        column = pa.concat_arrays([column])  # offsets from 0, values exactly the listed items
-    values = column.values
-    if not pa.types.is_struct(values.type) and not pa.types.is_null(values.type):
-        return None
-    if values.null_count:  # a null item (``[null]``): never valid
-        return None
-    present = {f.name for f in values.type} if pa.types.is_struct(values.type) else set()
-    if not present <= {r.name for r in rule.items}:
-        return None  # a key the item model does not have
-    item_type = target.value_type
-    children = []
-    for sub in rule.items:
-        field = values.field(sub.name) if sub.name in present else None
-        checked = _check(sub, field, item_type.field(sub.name).type, len(values), items)
-        if checked is None:
-            return None
-        children.append(checked)
-    struct = pa.StructArray.from_arrays(children, fields=[item_type.field(r.name) for r in rule.items])
-    mask = column.is_null() if column.null_count else None
-    return pa.ListArray.from_arrays(column.offsets, struct, type=target, mask=mask)
+    return rule.kind != "datetime" or _timestamps(valid)
 
 
 def _timestamps(strings: pa.Array) -> bool:

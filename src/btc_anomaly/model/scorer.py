@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "numba", "numpy"]
 FORMAT_VERSION = 1
+_CUMSUM_MAX_ROWS = 128  # NumPy backend: up to this many rows per chunk, sum the trees with one cumsum
 _PARALLEL_MIN_ROWS = 4096  # below this, starting numba's thread pool costs more than it saves
 
 
@@ -330,7 +331,11 @@ def _numpy_path_sums(
             np.add(g_, go_, out=g_)
         np.subtract(g_, width, out=g_)  # bottom slot j of tree t sits at t*width + j in leaf_flat
         vals = np.take(leaf_flat, g_, mode="clip")
-        # Sum tree by tree in order, as sklearn accumulates, so the float64 sums are identical.
+        # Sum tree by tree in order, as sklearn accumulates, so the float64 sums are identical. A running
+        # sum (cumsum) adds in the same order: ~40x faster for a handful of rows, 3x slower for a thousand.
+        if m <= _CUMSUM_MAX_ROWS:
+            out[start : start + m] = np.cumsum(vals, axis=1)[:, -1]
+            continue
         acc = np.zeros(m)
         for t in range(n_trees):
             acc += vals[:, t]
