@@ -50,6 +50,7 @@ from typing import Any
 import orjson
 
 from bench.naive_api import NAIVE_ENV
+from bench.run_all import speed_probe_ms
 from btc_anomaly.config import PROJECT_ROOT, Settings
 from btc_anomaly.runtime.kafka_broker import free_port
 from btc_anomaly.runtime.mlflow_server import MlflowServer
@@ -375,7 +376,7 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
         settings = _champion(stack, tmp)
-        load_at_start = os.getloadavg()[0]
+        load_at_start, probe_at_start = os.getloadavg()[0], speed_probe_ms()
 
         def throughput(port: int, path: str, target: str) -> None:
             if have_wrk:
@@ -429,7 +430,8 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
         rows.append(
             {
                 "case": f"machine: {os.cpu_count()} CPUs, 1-min load average {load_at_start:.1f} at the start, "
-                f"{os.getloadavg()[0]:.1f} at the end (other jobs share the CPUs)"
+                f"{os.getloadavg()[0]:.1f} at the end (other jobs share the CPUs); speed probe (fixed Python "
+                f"loop) {probe_at_start:.0f} ms at the start, {speed_probe_ms():.0f} ms at the end"
             }
         )
     return rows

@@ -14,6 +14,19 @@ from pathlib import Path
 from typing import Any
 
 
+def speed_probe_ms() -> float:
+    """A fixed pure-Python loop, best of 5, in ms: this VM's speed drifts by up to ~1.7x within a session,
+    so a run's figures are read next to it (and next to the naive baseline of the same run)."""
+
+    def loop() -> float:
+        started, total = time.perf_counter(), 0
+        for i in range(2_000_000):
+            total += i
+        return time.perf_counter() - started
+
+    return min(loop() for _ in range(5)) * 1e3
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table (pastes straight into RESULTS.md); columns in first-seen order."""
     if not rows:
