@@ -9,12 +9,15 @@ A single-node broker is started on free ports in a temporary folder and the stre
   update check, insert-only MERGE by hash, quarantine), trigger availableNow, ``max_offsets`` per batch.
 * ``backfill: plain append`` — the same records, same parse and validation, written with Spark's own
   Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
+* ``backfill: state-store dedup`` — the same with the candidate design of the latency case below.
 * ``backfill: window aggregates`` — the tx_stats query draining the MERGEd table's change feed.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
   transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after 30 s of warm-up
   traffic that is not measured), and a delta-rs reader polling the table every 50 ms: latency = first
   time a hash is readable in Delta minus its send time. Then the same with the baseline: Spark's Delta
-  sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it.
+  sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it; and with
+  the candidate design for the latency goal: dedup by hash in Spark's state store
+  (``dropDuplicatesWithinWatermark`` on the Kafka timestamp) in front of the same Delta sink.
 
 Both backfill cases run once untimed on a topic of the same size first, so neither pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
@@ -128,9 +131,41 @@ def _append_query(spark: Any, settings: Settings, available_now: bool) -> Any:
     )
 
 
-def _append_backfill(spark: Any, settings: Settings) -> float:
+def _state_dedup_query(spark: Any, settings: Settings, available_now: bool) -> Any:
+    """The design that could meet the latency goal, for measurement only: dedup by hash in Spark's state
+    store (RocksDB, as configured) within a watermark on the Kafka timestamp, then Spark's Delta sink."""
+    from pyspark.sql import functions as F
+
+    from btc_anomaly.processing.parse import is_valid, parse, transaction_columns
+    from btc_anomaly.processing.sinks import TRANSACTIONS, Lake, ensure_tables
+    from btc_anomaly.processing.stream import kafka_source, trigger_options
+
+    lake = Lake.from_settings(settings)
+    ensure_tables(spark, lake)
+    return (
+        parse(kafka_source(spark, settings))
+        .where(is_valid())
+        .withWatermark("timestamp", f"{settings.stream_dedup_lookback_days} days")
+        .dropDuplicatesWithinWatermark(["hash"])
+        .select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
+        .writeStream.format("delta")
+        .option("checkpointLocation", lake.checkpoint("state-dedup"))
+        .trigger(**trigger_options(settings.stream_trigger_s, available_now))
+        .start(lake.table(TRANSACTIONS))
+    )
+
+
+# The latency cases: the production runner, and two designs with Spark's Delta sink in its place.
+SINKS = {
+    "ours": "dedup + MERGE (ours)",
+    "append": "plain Delta append (baseline)",
+    "state-dedup": "state-store dedup + Delta append (candidate design)",
+}
+
+
+def _append_backfill(spark: Any, settings: Settings, query: Any = _append_query) -> float:
     started = time.perf_counter()
-    _append_query(spark, settings, available_now=True).awaitTermination()
+    query(spark, settings, available_now=True).awaitTermination()
     return time.perf_counter() - started
 
 
@@ -191,18 +226,19 @@ class _Visibility(threading.Thread):
 
 
 def _latency(
-    spark: Any, settings: Settings, rate: float, seconds: float, append: bool = False
+    spark: Any, settings: Settings, rate: float, seconds: float, sink: str = "ours"
 ) -> dict[str, float]:
-    """``append``: the baseline (Spark's Delta sink instead of the transactions query, the stats query
-    running beside it as in production) instead of ``btc-anomaly stream``'s runner."""
+    """``sink`` (``SINKS``): ``btc-anomaly stream``'s runner, or a design with Spark's Delta sink instead
+    of the transactions query, the stats query running beside it as in production."""
     from btc_anomaly.processing.sinks import Lake
     from btc_anomaly.processing.stream import StreamRunner, start_stats_query, stop_gracefully
 
     runner: StreamRunner | None = None
     baseline: list[Any] = []
-    if append:
+    if sink != "ours":
+        query = _append_query if sink == "append" else _state_dedup_query
         baseline = [
-            _append_query(spark, settings, available_now=False),
+            query(spark, settings, available_now=False),
             start_stats_query(spark, settings, Lake.from_settings(settings)),
         ]
     else:
@@ -277,6 +313,7 @@ def _backfill_rows(
     log.warning("published %d messages in %.1f s", messages, publish_s)
     _merge_backfill(spark, _settings(base, warm, "warm-merge"))
     _append_backfill(spark, _settings(base, warm, "warm-append"))
+    _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), _state_dedup_query)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
     merge_settings = _settings(base, big, "merge")
@@ -303,6 +340,18 @@ def _backfill_rows(
             "seconds": append_s,
             "tx/s": messages / append_s,
             "notes": "Spark's Delta streaming sink, no dedup / MERGE",
+        }
+    )
+    dedup_settings = _settings(base, big, "state-dedup")
+    dedup_s = _append_backfill(spark, dedup_settings, _state_dedup_query)
+    rows.append(
+        {
+            "case": "backfill: state-store dedup + Delta append (candidate design)",
+            "messages": messages,
+            "rows stored": _count(dedup_settings.lake_table("transactions")),
+            "seconds": dedup_s,
+            "tx/s": messages / dedup_s,
+            "notes": "dropDuplicatesWithinWatermark(hash) in RocksDB, then Spark's Delta streaming sink",
         }
     )
     stats_s = _stats_backfill(spark, merge_settings)
@@ -363,8 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         spark = build_session(base, app_name="bench-stream")
         if args.only != "latency":
             rows += _backfill_rows(spark, base, broker.bootstrap, suffix, args.messages)
-        for append in () if args.only == "backfill" else (False, True):
-            name = "latency-append" if append else "latency"
+        for sink in () if args.only == "backfill" else SINKS:
+            name = f"latency-{sink}"
             latency_settings = _settings(
                 base,
                 _topic(broker.bootstrap, f"bench.{name}.{suffix}"),
@@ -374,11 +423,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 stream_scoring=False,  # no registry here: publish → transactions is what is measured
             )
             load = os.getloadavg()[0]
-            lat = _latency(spark, latency_settings, args.rate, args.seconds, append=append)
-            what = "plain Delta append (baseline)" if append else "dedup + MERGE (ours)"
+            lat = _latency(spark, latency_settings, args.rate, args.seconds, sink=sink)
             rows.append(
                 {
-                    "case": f"latency, {what}: 1 s trigger, {args.rate:g} tx/s for {args.seconds:g} s",
+                    "case": f"latency, {SINKS[sink]}: 1 s trigger, {args.rate:g} tx/s for {args.seconds:g} s",
                     "messages": lat["sent"],
                     "rows stored": lat["visible"],
                     "p50 s": lat["p50_s"],
