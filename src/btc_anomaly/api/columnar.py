@@ -1,8 +1,8 @@
 """Columnar validation of large arrays of canonical transactions: POST /predict's fast path.
 
 Validating a 1,000-transaction body through the models builds ~5,000 frozen Python objects (each
-transaction, input and output) before the Arrow table the feature function reads is built from them:
-~8 ms of a ~20 ms request (bench/RESULTS.md, API section). Here the body is decoded by msgspec into
+transaction, input and output) before the Arrow table the feature function reads is built from them,
+the largest part of a batch request (bench/RESULTS.md, API section). Here the body is decoded by msgspec into
 Structs generated from the models' own field rules (``rules_of`` → ``struct_of``): one strict pass in C
 that checks the JSON types, required and nullable fields, unknown keys, integer bounds and literals. The
 Structs' fields become Arrow columns (``ColumnarParser``), where patterns and timestamps are checked with
