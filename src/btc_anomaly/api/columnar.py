@@ -18,6 +18,7 @@ test_api_columnar.py hold both paths to that, on hand-made and generated bodies.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import typing
 from collections.abc import Iterable, Sequence
@@ -177,9 +178,7 @@ class ColumnarParser:
         self.schema = schema
         self.max_items = max_items
         self._decoder = msgspec.json.Decoder(list[struct_of(model.__name__, self.rules)])  # type: ignore[valid-type]
-        by_name = {r.name: r for r in self.rules}
-        self._built = [by_name[f.name] for f in schema]
-        _require_checked_columns(self.rules, schema)
+        self._built = _built_rules(self.rules, schema)
 
     def parse(self, body: bytes) -> Columns | int | None:
         """``Columns``; the number of items when there are more than ``max_items`` (the caller's 413);
@@ -204,15 +203,22 @@ class ColumnarParser:
         return Columns(table.column("hash").to_pylist(), table)
 
 
-def _require_checked_columns(rules: Sequence[Rule], schema: pa.Schema | pa.StructType) -> None:
-    """Every field whose pattern or timestamp is checked on Arrow (or a list holding one) must be built."""
-    fields = {f.name: f for f in schema}
+def _built_rules(rules: Sequence[Rule], fields: pa.Schema | pa.StructType) -> list[Rule]:
+    """The rules of ``fields``, in their order (a list's item rules likewise, for its struct's fields).
+    Refuses fields that leave out one whose pattern or timestamp is checked on Arrow (or a list holding
+    one): it would go unchecked."""
+    by_name = {r.name: r for r in rules}
+    built = {f.name for f in fields}
     for rule in rules:
-        if rule.name not in fields:
-            if _checked_on_arrow(rule):
-                raise ValueError(f"{rule.name} is checked on its column: the schema must include it")
-        elif rule.kind == "list":
-            _require_checked_columns(rule.items, fields[rule.name].type.value_type)
+        if rule.name not in built and _checked_on_arrow(rule):
+            raise ValueError(f"{rule.name} is checked on its column: the schema must include it")
+    out = []
+    for f in fields:
+        rule = by_name[f.name]
+        if rule.kind == "list":
+            rule = dataclasses.replace(rule, items=tuple(_built_rules(rule.items, f.type.value_type)))
+        out.append(rule)
+    return out
 
 
 def _checked_on_arrow(rule: Rule) -> bool:
@@ -248,10 +254,8 @@ def _arrays(
 def _list_array(rule: Rule, target: pa.ListType, lists: Sequence[list[Any]]) -> pa.Array | None:
     offsets = np.zeros(len(lists) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, lists), np.int32, count=len(lists)), out=offsets[1:])
-    item_type: pa.StructType = target.value_type
-    item_fields = list(item_type)
-    by_name = {r.name: r for r in rule.items}
-    children = _arrays(list(chain.from_iterable(lists)), [by_name[f.name] for f in item_fields], item_fields)
+    item_fields = list(target.value_type)  # rule.items, field by field (_built_rules)
+    children = _arrays(list(chain.from_iterable(lists)), rule.items, item_fields)
     if children is None:
         return None
     struct = pa.StructArray.from_arrays(children, fields=item_fields)
