@@ -110,8 +110,10 @@ def _merge_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, fl
     return time.perf_counter() - started, phases, batches
 
 
-def _append_query(spark: Any, settings: Settings, available_now: bool) -> Any:
-    """The baseline: same source and parse, Spark's Delta sink appending (no dedup, no MERGE)."""
+def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bool = False) -> Any:
+    """The baseline: same source and parse, Spark's Delta sink appending (no dedup, no MERGE). With
+    ``dedup``, the design that could meet the latency goal, for measurement only: dedup by hash in Spark's
+    state store (RocksDB, as configured) within a watermark on the Kafka timestamp, before the same sink."""
     from pyspark.sql import functions as F
 
     from btc_anomaly.processing.parse import is_valid, parse, transaction_columns
@@ -120,36 +122,15 @@ def _append_query(spark: Any, settings: Settings, available_now: bool) -> Any:
 
     lake = Lake.from_settings(settings)
     ensure_tables(spark, lake)
+    rows = parse(kafka_source(spark, settings)).where(is_valid())
+    if dedup:
+        rows = rows.withWatermark(
+            "timestamp", f"{settings.stream_dedup_lookback_days} days"
+        ).dropDuplicatesWithinWatermark(["hash"])
     return (
-        parse(kafka_source(spark, settings))
-        .where(is_valid())
-        .select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
+        rows.select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
         .writeStream.format("delta")
-        .option("checkpointLocation", lake.checkpoint("append"))
-        .trigger(**trigger_options(settings.stream_trigger_s, available_now))
-        .start(lake.table(TRANSACTIONS))
-    )
-
-
-def _state_dedup_query(spark: Any, settings: Settings, available_now: bool) -> Any:
-    """The design that could meet the latency goal, for measurement only: dedup by hash in Spark's state
-    store (RocksDB, as configured) within a watermark on the Kafka timestamp, then Spark's Delta sink."""
-    from pyspark.sql import functions as F
-
-    from btc_anomaly.processing.parse import is_valid, parse, transaction_columns
-    from btc_anomaly.processing.sinks import TRANSACTIONS, Lake, ensure_tables
-    from btc_anomaly.processing.stream import kafka_source, trigger_options
-
-    lake = Lake.from_settings(settings)
-    ensure_tables(spark, lake)
-    return (
-        parse(kafka_source(spark, settings))
-        .where(is_valid())
-        .withWatermark("timestamp", f"{settings.stream_dedup_lookback_days} days")
-        .dropDuplicatesWithinWatermark(["hash"])
-        .select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
-        .writeStream.format("delta")
-        .option("checkpointLocation", lake.checkpoint("state-dedup"))
+        .option("checkpointLocation", lake.checkpoint("state-dedup" if dedup else "append"))
         .trigger(**trigger_options(settings.stream_trigger_s, available_now))
         .start(lake.table(TRANSACTIONS))
     )
@@ -163,9 +144,9 @@ SINKS = {
 }
 
 
-def _append_backfill(spark: Any, settings: Settings, query: Any = _append_query) -> float:
+def _append_backfill(spark: Any, settings: Settings, dedup: bool = False) -> float:
     started = time.perf_counter()
-    query(spark, settings, available_now=True).awaitTermination()
+    _append_query(spark, settings, available_now=True, dedup=dedup).awaitTermination()
     return time.perf_counter() - started
 
 
@@ -236,9 +217,8 @@ def _latency(
     runner: StreamRunner | None = None
     baseline: list[Any] = []
     if sink != "ours":
-        query = _append_query if sink == "append" else _state_dedup_query
         baseline = [
-            query(spark, settings, available_now=False),
+            _append_query(spark, settings, available_now=False, dedup=sink == "state-dedup"),
             start_stats_query(spark, settings, Lake.from_settings(settings)),
         ]
     else:
@@ -313,7 +293,7 @@ def _backfill_rows(
     log.warning("published %d messages in %.1f s", messages, publish_s)
     _merge_backfill(spark, _settings(base, warm, "warm-merge"))
     _append_backfill(spark, _settings(base, warm, "warm-append"))
-    _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), _state_dedup_query)
+    _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), dedup=True)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
     merge_settings = _settings(base, big, "merge")
@@ -343,7 +323,7 @@ def _backfill_rows(
         }
     )
     dedup_settings = _settings(base, big, "state-dedup")
-    dedup_s = _append_backfill(spark, dedup_settings, _state_dedup_query)
+    dedup_s = _append_backfill(spark, dedup_settings, dedup=True)
     rows.append(
         {
             "case": "backfill: state-store dedup + Delta append (candidate design)",
