@@ -12,8 +12,8 @@ A single-node broker is started on free ports in a temporary folder and the stre
   Delta streaming sink (no dedup) into a table of the same layout: the baseline.
 * ``backfill: window aggregates`` — the tx_stats query draining our table's change feed.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
-  transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after 30 s of warm-up
-  traffic that is not measured), and a delta-rs reader polling the table every 50 ms: latency = first
+  transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after at least 30 s of
+  warm-up traffic that is not measured, until the stats query has written once), and a delta-rs reader polling the table every 50 ms: latency = first
   time a hash is readable in Delta minus its send time. Then the same with the baseline: Spark's Delta
   sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it.
 
@@ -236,16 +236,25 @@ def _latency(
             time.sleep(0.2)
 
     # Warm-up, not measured: the JVM compiles the write path during the first few hundred batches
-    # (after 10 s of it, the first measured batches still took 2.9-4.5 s, later ones 1.2-1.8 s).
+    # (after 10 s of it, the first measured batches still took 2.9-4.5 s, later ones 1.2-1.8 s), and
+    # the stats query's first MERGEs — once a minute — took 4.4-4.7 s cold, ~2x a warm one: the
+    # warm-up lasts until the stats query has written once, as in any stream running for a minute.
+    from btc_anomaly.processing.delta_reader import table_version
+
     interval = 1.0 / rate
-    warmup = int(rate * WARMUP_S)
+    stats = settings.lake_table("tx_stats_1m")
     warm: dict[str, float] = {}
     started = time.perf_counter()
-    for i in range(warmup):
+    i, stats_written = 0, False
+    while time.perf_counter() - started < WARMUP_S or not stats_written:
+        if i % int(max(rate, 1)) == 0:  # about once a second
+            stats_written = (table_version(stats) or 0) >= 1
         delay = started + i * interval - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         send(i, warm)
+        i += 1
+    warmup = i
     p.flush()
     wait_visible(warm, 120)
     sent: dict[str, float] = {}
@@ -342,6 +351,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rate", type=float, default=20.0, help="latency case: tx/s sent")
     parser.add_argument("--seconds", type=float, default=60.0, help="latency case: how long to send")
     parser.add_argument("--only", choices=("backfill", "latency"), help="run one part only")
+    parser.add_argument(
+        "--sinks", default=",".join(SINKS), help=f"latency cases to run, of {', '.join(SINKS)}"
+    )
     args = parser.parse_args(argv or [])
     logging.basicConfig(level=logging.WARNING)
 
@@ -370,7 +382,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         spark = build_session(base, app_name="bench-stream")
         if args.only != "latency":
             rows += _backfill_rows(spark, base, broker.bootstrap, suffix, args.messages)
-        for sink in () if args.only == "backfill" else SINKS:
+        for sink in () if args.only == "backfill" else args.sinks.split(","):
             name = f"latency-{sink}"
             latency_settings = _settings(
                 base,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pandas as pd
@@ -202,3 +203,35 @@ def test_resumes_where_the_merge_design_stopped(spark: object, settings: Setting
     StreamRunner(settings, spark).run_available_now(stats=False)
 
     assert set(_stored(settings)) == {Transaction.from_json(line).hash for line in lines[60:]}
+
+
+def test_a_replayed_batch_is_not_appended_twice(spark: Any, tmp_path: Path) -> None:
+    """Spark runs the batch a crash cut off again as the first batch of the next run, with the same
+    batch id: its append, already committed, is found by its marker and skipped; later batches of a
+    run (never replays) are appended without looking."""
+    from pyspark.sql import functions as F
+
+    from btc_anomaly.processing.dedup import dedup_stream
+    from btc_anomaly.processing.parse import parse
+    from btc_anomaly.processing.sinks import Lake, ensure_tables, write_batch
+
+    lake = Lake(tmp_path / "lake", tmp_path / "checkpoints")
+    ensure_tables(spark, lake)  # type: ignore[arg-type]
+    lines = sample_lines()[:50]
+    records = spark.createDataFrame(  # type: ignore[attr-defined]
+        [(i, line) for i, line in enumerate(lines)], "offset long, value binary"
+    ).select(
+        F.lit(None).cast("binary").alias("key"),
+        "value",
+        F.lit("t").alias("topic"),
+        F.lit(0).alias("partition"),
+        "offset",
+        F.current_timestamp().alias("timestamp"),
+    )
+    rows = dedup_stream(parse(records), 0)  # a batch DataFrame: no watermark
+    first = write_batch(rows, lake, 7, "query-a", maybe_replayed=False)
+    replay = write_batch(rows, lake, 7, "query-a", maybe_replayed=True)
+    stored = delta_reader.read_arrow(lake.table("transactions"), columns=["hash"])["hash"].to_pylist()
+    assert first.inserted == replay.inserted == len(lines)
+    assert "append" in first.seconds and "append" not in replay.seconds
+    assert sorted(stored) == sorted(Transaction.from_json(line).hash for line in lines)

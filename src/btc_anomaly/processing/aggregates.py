@@ -96,26 +96,39 @@ def windowed(inserts: DataFrame, watermark: str) -> DataFrame:
 
 
 def upsert_stats(batch: DataFrame, table_paths: dict[int, str], app_id: str, batch_id: int) -> None:
-    """foreachBatch body: MERGE each granularity's rows into its table by window_start."""
-    from delta.tables import DeltaTable
+    """foreachBatch body: MERGE each granularity's rows into its table by window_start.
 
-    from btc_anomaly.processing.sinks import _TxnConf
+    The batch is computed once (a local checkpoint) and both MERGEs read that copy. With a lazily
+    cached batch, as before, the first MERGE ran the aggregation again (its change-feed read and state
+    store), and Delta may copy a source it cannot prove deterministic: the two MERGEs took 4.7 and
+    1.9 s on this machine, a stats batch the transactions query's batches waited behind
+    (bench/RESULTS.md)."""
+    from delta.tables import DeltaTable
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from btc_anomaly.processing.sinks import _MATERIALIZE_SOURCE, _TxnConf, release
 
     spark = batch.sparkSession
-    batch = batch.cache()
+    staged = batch.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
     try:
+        present = {r[0] for r in staged.select("granularity_s").distinct().collect()}
         for g, path in table_paths.items():
-            rows = batch.where(batch.granularity_s == g).drop("granularity_s")
-            if rows.isEmpty():
+            if g not in present:
                 continue
+            rows = staged.where(F.col("granularity_s") == g).drop("granularity_s")
             with _TxnConf(spark, f"{app_id}:{g}", batch_id):
-                (
-                    DeltaTable.forPath(spark, path)
-                    .alias("t")
-                    .merge(rows.alias("s"), "t.window_start = s.window_start")
-                    .whenMatchedUpdateAll()
-                    .whenNotMatchedInsertAll()
-                    .execute()
-                )
+                spark.conf.set(_MATERIALIZE_SOURCE, "none")  # already materialized: the checkpoint
+                try:
+                    (
+                        DeltaTable.forPath(spark, path)
+                        .alias("t")
+                        .merge(rows.alias("s"), "t.window_start = s.window_start")
+                        .whenMatchedUpdateAll()
+                        .whenNotMatchedInsertAll()
+                        .execute()
+                    )
+                finally:
+                    spark.conf.unset(_MATERIALIZE_SOURCE)
     finally:
-        batch.unpersist()
+        release(staged)

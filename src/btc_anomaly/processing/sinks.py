@@ -14,9 +14,11 @@ reasons, and topic/partition/offset/timestamp, appended.
 Exactly once. Spark's Kafka source writes the offsets of batch N to the checkpoint before running it
 and marks N committed after, so after a crash the same batch N (same offsets, same records) runs
 again, against the state store as it was before N (its versions live in the same checkpoint), so
-the dedup lets the same hashes through. Every Delta commit of batch N carries Delta's transaction
-identifier (``txnAppId`` = streaming query id + table + step, the query id living in the checkpoint;
-``txnVersion`` = N): Delta skips a write it has already committed for that app id, so a replay
+the dedup lets the same hashes through. The append of batch N is marked with the streaming query id
+(it lives in the checkpoint) and N in the commit's ``userMetadata``; the replayed batch, the first of
+a query run, finds its marker and skips the append (``append_marker``). The update MERGE and the
+quarantine append carry Delta's transaction identifier (``txnAppId`` = query id + table + step,
+``txnVersion`` = N): Delta skips a write it has already committed for that app id. So a replay
 commits only what the crash cut off. The update MERGE is also harmless to re-run on its own (it only
 fills a null ``block_height``).
 """
@@ -298,7 +300,13 @@ def quarantine_frame(invalid: DataFrame) -> DataFrame:
 
 
 def write_batch(
-    rows: DataFrame, lake: Lake, batch_id: int, app_id: str, lookback_days: int = 0
+    rows: DataFrame,
+    lake: Lake,
+    batch_id: int,
+    app_id: str,
+    lookback_days: int = 0,
+    *,
+    maybe_replayed: bool = True,
 ) -> BatchResult:
     """Write one micro-batch of ``dedup.dedup_stream`` rows: append, confirm, quarantine.
 
@@ -308,13 +316,14 @@ def write_batch(
     state store's dedup again. Then, each step under its own transaction identifier:
 
     1. the ``insert`` rows are appended (each is the first copy of its hash: no anti-join against
-       the table, no MERGE);
+       the table, no MERGE); see ``append_marker`` for how a replayed batch is not appended twice;
     2. the ``confirm`` rows update stored unconfirmed rows (``confirm_transactions``) — skipped when
        every one confirms a hash this same batch appended confirmed, as in a replay of blocks;
     3. the ``quarantine`` rows are appended to ``quarantine``.
 
     The append goes before the update so that an unconfirmed copy and its confirmation in the same
-    batch end as one confirmed row. ``inserted`` counts the batch's insert rows, also when a replay
+    batch end as one confirmed row. ``maybe_replayed``: the batch may have run before (the first batch
+    of a query run; Spark never runs a later one twice within a run). ``inserted`` counts the batch's insert rows, also when a replay
     of the batch finds them committed already.
 
     The parse and the dedup belong to the streaming query's plan, not to this function: built and
@@ -360,18 +369,13 @@ def write_batch(
     try:
         path = lake.table(TRANSACTIONS)
         inserts = result.inserted = int(observed["inserts"])
-        if inserts:  # an idle trigger commits nothing (no empty Delta versions)
+        marker = append_marker(app_id, batch_id)
+        if inserts and not (maybe_replayed and marker in recent_markers(staged.sparkSession, path)):
             with result.phase("append"):
                 source = staged.where(inserted).select(*transaction_columns(), "ingested_at")
                 if inserts < SMALL_BATCH_ROWS:
                     source = source.coalesce(1)  # one file per small batch, not one per Kafka partition
-                (
-                    source.write.format("delta")
-                    .mode("append")
-                    .option("txnAppId", f"{app_id}:{TRANSACTIONS}:append")
-                    .option("txnVersion", batch_id)
-                    .save(path)
-                )
+                source.write.format("delta").mode("append").option("userMetadata", marker).save(path)
             result.oldest = observed["oldest_insert"]
         if int(observed["confirms"]) and int(observed["confirmed_hashes"]) != int(
             observed["confirmed_inserts"]
@@ -401,6 +405,28 @@ def write_batch(
     finally:
         release(staged)
     return result
+
+
+# Commits after a batch's append, before its checkpoint commit: its update MERGE and a compaction.
+MARKER_HISTORY = 20
+
+
+def append_marker(app_id: str, batch_id: int) -> str:
+    """The ``userMetadata`` of the commit appending batch ``batch_id`` of the query ``app_id``.
+
+    Why not Delta's transaction identifier (``txnAppId``/``txnVersion``), as for the other writes:
+    looking it up makes Delta rebuild the table's transaction list from the log, three Spark jobs and
+    ~0.45 s on every append (measured, bench/RESULTS.md) — half of a 1 s trigger. A replay can only be
+    the first batch of a query run, so only that one looks for its marker in the last commits."""
+    return f"{app_id}:{TRANSACTIONS}:append:{batch_id}"
+
+
+def recent_markers(spark: SparkSession, path: str) -> set[str]:
+    """The ``userMetadata`` of the table's last ``MARKER_HISTORY`` commits (read from the log, no job)."""
+    from delta.tables import DeltaTable
+
+    rows = DeltaTable.forPath(spark, path).history(MARKER_HISTORY).select("userMetadata").collect()
+    return {r["userMetadata"] for r in rows if r["userMetadata"]}
 
 
 def release(checkpointed: DataFrame) -> None:

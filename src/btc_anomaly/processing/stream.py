@@ -100,11 +100,20 @@ def start_transactions_query(
 ) -> StreamingQuery:
     compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
 
+    first = True  # of this query run: the only batch that can be a replay of one already written
+
     def handle(batch: DataFrame, batch_id: int) -> None:
+        nonlocal first
         started = time.perf_counter()
         result = write_batch(
-            batch, lake, batch_id, streaming_query_id(batch.sparkSession), settings.stream_dedup_lookback_days
+            batch,
+            lake,
+            batch_id,
+            streaming_query_id(batch.sparkSession),
+            settings.stream_dedup_lookback_days,
+            maybe_replayed=first,
         )
+        first = False
         compactor.wrote(result.oldest)
         STREAM_QUARANTINED.inc(result.quarantined)
         log.info(
