@@ -3,19 +3,22 @@
 A single-node broker is started on free ports in a temporary folder and the stream runs in this process
 (local[2], the same SparkSession for every case). Rows:
 
-* ``backfill: ours`` — ``messages`` records (the bundled sample looped with fresh hashes, as the
-  producer's replay makes them) pre-published to a 3-partition topic, then drained by the
-  transactions query exactly as ``btc-anomaly stream`` runs it (parse + validate, dedup by hash in the
-  state store, append, the confirmation check, quarantine), trigger availableNow, ``max_offsets`` per
-  batch.
+* ``backfill: dedup + MERGE`` — ``messages`` records (the bundled sample looped with fresh hashes, as
+  the producer's replay makes them) pre-published to a 3-partition topic, then drained by the
+  transactions query exactly as ``btc-anomaly stream`` runs it (parse + validate, in-batch dedup, the
+  update check, insert-only MERGE by hash, quarantine), trigger availableNow, ``max_offsets`` per batch.
 * ``backfill: plain append`` — the same records, same parse and validation, written with Spark's own
-  Delta streaming sink (no dedup) into a table of the same layout: the baseline.
-* ``backfill: window aggregates`` — the tx_stats query draining our table's change feed.
+  Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
+* ``backfill: state-store dedup`` — the same with the candidate design of the latency case below.
+* ``backfill: window aggregates`` — the tx_stats query draining the MERGEd table's change feed.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
   transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after at least 30 s of
-  warm-up traffic that is not measured, until the stats query has written once), and a delta-rs reader polling the table every 50 ms: latency = first
-  time a hash is readable in Delta minus its send time. Then the same with the baseline: Spark's Delta
-  sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it.
+  warm-up traffic that is not measured, until the stats query has written once), and a delta-rs
+  reader polling the table every 50 ms: latency = first time a hash is readable in Delta minus its
+  send time. Then the same with the baseline: Spark's Delta
+  sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it; and with
+  the candidate design for the latency goal: dedup by hash in Spark's state store
+  (``dropDuplicatesWithinWatermark`` on the Kafka timestamp) in front of the same Delta sink.
 
 Both backfill cases run once untimed on a topic of the same size first, so neither pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
@@ -90,7 +93,7 @@ def _settings(base: Settings, topic: str, name: str, **changes: Any) -> Settings
     return base.model_copy(update={"topic": topic, "lake_root": base.state_dir / name, **changes})
 
 
-def _ours_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, float], int]:
+def _merge_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, float], int]:
     from btc_anomaly.processing.stream import StreamRunner
 
     phases: dict[str, float] = {}
@@ -108,8 +111,10 @@ def _ours_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, flo
     return time.perf_counter() - started, phases, batches
 
 
-def _append_query(spark: Any, settings: Settings, available_now: bool) -> Any:
-    """The baseline: same source and parse, Spark's Delta sink appending (no dedup)."""
+def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bool = False) -> Any:
+    """The baseline: same source and parse, Spark's Delta sink appending (no dedup, no MERGE). With
+    ``dedup``, the design that could meet the latency goal, for measurement only: dedup by hash in Spark's
+    state store (RocksDB, as configured) within a watermark on the Kafka timestamp, before the same sink."""
     from pyspark.sql import functions as F
 
     from btc_anomaly.processing.parse import is_valid, parse, transaction_columns
@@ -119,25 +124,30 @@ def _append_query(spark: Any, settings: Settings, available_now: bool) -> Any:
     lake = Lake.from_settings(settings)
     ensure_tables(spark, lake)
     rows = parse(kafka_source(spark, settings)).where(is_valid())
+    if dedup:
+        rows = rows.withWatermark(
+            "timestamp", f"{settings.stream_dedup_lookback_days} days"
+        ).dropDuplicatesWithinWatermark(["hash"])
     return (
         rows.select(*transaction_columns(), F.current_timestamp().alias("ingested_at"))
         .writeStream.format("delta")
-        .option("checkpointLocation", lake.checkpoint("append"))
+        .option("checkpointLocation", lake.checkpoint("state-dedup" if dedup else "append"))
         .trigger(**trigger_options(settings.stream_trigger_s, available_now))
         .start(lake.table(TRANSACTIONS))
     )
 
 
-# The latency cases: the production runner, and Spark's Delta sink in its place.
+# The latency cases: the production runner, and two designs with Spark's Delta sink in its place.
 SINKS = {
-    "ours": "state-store dedup + append (ours)",
+    "ours": "dedup + MERGE (ours)",
     "append": "plain Delta append (baseline)",
+    "state-dedup": "state-store dedup + Delta append (candidate design)",
 }
 
 
-def _append_backfill(spark: Any, settings: Settings) -> float:
+def _append_backfill(spark: Any, settings: Settings, dedup: bool = False) -> float:
     started = time.perf_counter()
-    _append_query(spark, settings, available_now=True).awaitTermination()
+    _append_query(spark, settings, available_now=True, dedup=dedup).awaitTermination()
     return time.perf_counter() - started
 
 
@@ -209,7 +219,7 @@ def _latency(
     baseline: list[Any] = []
     if sink != "ours":
         baseline = [
-            _append_query(spark, settings, available_now=False),
+            _append_query(spark, settings, available_now=False, dedup=sink == "state-dedup"),
             start_stats_query(spark, settings, Lake.from_settings(settings)),
         ]
     else:
@@ -235,10 +245,10 @@ def _latency(
         while time.monotonic() < deadline and not set(sent) <= set(watcher.seen):
             time.sleep(0.2)
 
-    # Warm-up, not measured: the JVM compiles the write path during the first few hundred batches
+    # Warm-up, not measured: the JVM compiles the MERGE path during the first few hundred batches
     # (after 10 s of it, the first measured batches still took 2.9-4.5 s, later ones 1.2-1.8 s), and
-    # the stats query's first MERGEs — once a minute — took 4.4-4.7 s cold, ~2x a warm one: the
-    # warm-up lasts until the stats query has written once, as in any stream running for a minute.
+    # the stats query's first MERGEs — once a minute — took 4.4-5.1 s cold, about twice a warm one:
+    # the warm-up lasts until the stats query has written once, as in any stream running a minute.
     from btc_anomaly.processing.delta_reader import table_version
 
     interval = 1.0 / rate
@@ -291,21 +301,22 @@ def _backfill_rows(
     big = _topic(bootstrap, f"bench.backfill.{suffix}")
     publish_s = _publish_looped(bootstrap, big, messages)
     log.warning("published %d messages in %.1f s", messages, publish_s)
-    _ours_backfill(spark, _settings(base, warm, "warm-ours"))
+    _merge_backfill(spark, _settings(base, warm, "warm-merge"))
     _append_backfill(spark, _settings(base, warm, "warm-append"))
+    _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), dedup=True)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
-    ours_settings = _settings(base, big, "ours")
-    ours_s, phases, batches = _ours_backfill(spark, ours_settings)
-    stored = _count(ours_settings.lake_table("transactions"))
+    merge_settings = _settings(base, big, "merge")
+    merge_s, phases, batches = _merge_backfill(spark, merge_settings)
+    stored = _count(merge_settings.lake_table("transactions"))
     rows.append(
         {
-            "case": "backfill: state-store dedup + append (ours)",
+            "case": "backfill: dedup + MERGE (ours)",
             "messages": messages,
             "rows stored": stored,
             "batches": batches,
-            "seconds": ours_s,
-            "tx/s": messages / ours_s,
+            "seconds": merge_s,
+            "tx/s": messages / merge_s,
             "notes": ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         }
     )
@@ -318,10 +329,22 @@ def _backfill_rows(
             "rows stored": _count(append_settings.lake_table("transactions")),
             "seconds": append_s,
             "tx/s": messages / append_s,
-            "notes": "Spark's Delta streaming sink, no dedup",
+            "notes": "Spark's Delta streaming sink, no dedup / MERGE",
         }
     )
-    stats_s = _stats_backfill(spark, ours_settings)
+    dedup_settings = _settings(base, big, "state-dedup")
+    dedup_s = _append_backfill(spark, dedup_settings, dedup=True)
+    rows.append(
+        {
+            "case": "backfill: state-store dedup + Delta append (candidate design)",
+            "messages": messages,
+            "rows stored": _count(dedup_settings.lake_table("transactions")),
+            "seconds": dedup_s,
+            "tx/s": messages / dedup_s,
+            "notes": "dropDuplicatesWithinWatermark(hash) in RocksDB, then Spark's Delta streaming sink",
+        }
+    )
+    stats_s = _stats_backfill(spark, merge_settings)
     rows.append(
         {
             "case": "backfill: window aggregates (1m + 5m)",

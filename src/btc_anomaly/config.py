@@ -241,9 +241,8 @@ class Settings(BaseSettings):
     )
     stream_dedup_lookback_days: int = Field(
         30,
-        description="The stream drops a copy of a tx published (Kafka timestamp) within this many days of "
-        "its first copy (Spark state store; 0 = forever: exact, but the state grows without bound); a "
-        "confirmation searches date partitions this far back. Changing it needs a new stream checkpoint.",
+        description="MERGE looks for a tx's stored copy only in date partitions this many days before the "
+        "batch's oldest first_seen (0 = the whole table: exact forever, but each batch scans every hash).",
     )
     stream_metrics_port: int = Field(9202, description="Prometheus port of `btc-anomaly stream` (0 = off).")
 

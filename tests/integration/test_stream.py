@@ -165,8 +165,8 @@ def _assert_window_stats(settings: Settings, txs: list[Transaction]) -> None:
 
 
 def test_an_unconfirmed_copy_and_its_confirmation_in_one_batch(spark: object, settings: Settings) -> None:
-    """The two rows of a confirmed record meet an unconfirmed copy in the same micro-batch, in either
-    order: whichever copy the state store lets through first, one row is stored, confirmed."""
+    """Both copies of a transaction in the same micro-batch, in either order: one row is stored,
+    confirmed (the in-batch dedup keeps the earliest copy and the largest block height)."""
     lines = sample_lines()[:60]
     fresh = [with_changes(line, hash=loop_hash(orjson.loads(line)["hash"], 3000)) for line in lines]
     want = {tx.hash: tx for tx in map(Transaction.from_json, fresh)}
@@ -181,45 +181,24 @@ def test_an_unconfirmed_copy_and_its_confirmation_in_one_batch(spark: object, se
     batches: list[BatchResult] = []
     StreamRunner(settings, spark, on_batch=lambda _id, r: batches.append(r)).run_available_now(stats=False)  # type: ignore[arg-type]
 
-    # One batch with the records (and, the watermark having moved, one without: Spark's state eviction).
-    assert [b.inserted for b in batches] == [len(want), 0][: len(batches)]
+    assert [b.inserted for b in batches] == [len(want)]
     assert _stored(settings) == want
 
 
-def test_resumes_where_the_merge_design_stopped(spark: object, settings: Settings) -> None:
-    """A lake whose transactions checkpoint is from the MERGE design (no dedup state, which Spark cannot
-    resume with one): the new query starts after its last committed batch, not from the start."""
-    lines = sample_lines()[:100]
-    create_topic(settings.kafka_bootstrap, settings.topic, partitions=1)
-    publish(settings.kafka_bootstrap, settings.topic, [(key_of(line), line) for line in lines])
-    legacy = settings.checkpoint_path / "transactions"
-    for folder in ("offsets", "commits"):
-        (legacy / folder).mkdir(parents=True)
-    # Spark's layout, as the MERGE design's query left it: batch 0 read offsets [0, 60) and committed.
-    meta = '{"batchWatermarkMs":0,"batchTimestampMs":1700000000000,"conf":{}}'
-    (legacy / "offsets" / "0").write_text(f'v1\n{meta}\n{{"{settings.topic}":{{"0":60}}}}')
-    (legacy / "commits" / "0").write_text('v1\n{"nextBatchWatermarkMs":0}')
-
-    StreamRunner(settings, spark).run_available_now(stats=False)
-
-    assert set(_stored(settings)) == {Transaction.from_json(line).hash for line in lines[60:]}
-
-
-def test_a_replayed_batch_is_not_appended_twice(spark: Any, tmp_path: Path) -> None:
-    """Spark runs the batch a crash cut off again as the first batch of the next run, with the same
-    batch id: its append, already committed, is found by its marker and skipped; later batches of a
-    run (never replays) are appended without looking."""
+def test_a_replayed_batch_writes_nothing_twice(spark: Any, tmp_path: Path) -> None:
+    """Spark runs the batch a crash cut off again, with the same batch id: the MERGEs (no transaction
+    identifier) find every row in place, the quarantine append (one) is skipped by Delta."""
     from pyspark.sql import functions as F
 
-    from btc_anomaly.processing.dedup import dedup_stream
     from btc_anomaly.processing.parse import parse
     from btc_anomaly.processing.sinks import Lake, ensure_tables, write_batch
 
     lake = Lake(tmp_path / "lake", tmp_path / "checkpoints")
-    ensure_tables(spark, lake)  # type: ignore[arg-type]
+    ensure_tables(spark, lake)
     lines = sample_lines()[:50]
-    records = spark.createDataFrame(  # type: ignore[attr-defined]
-        [(i, line) for i, line in enumerate(lines)], "offset long, value binary"
+    values = [*lines, b"{not json"]
+    records = spark.createDataFrame(
+        [(i, v) for i, v in enumerate(values)], "offset long, value binary"
     ).select(
         F.lit(None).cast("binary").alias("key"),
         "value",
@@ -228,10 +207,10 @@ def test_a_replayed_batch_is_not_appended_twice(spark: Any, tmp_path: Path) -> N
         "offset",
         F.current_timestamp().alias("timestamp"),
     )
-    rows = dedup_stream(parse(records), 0)  # a batch DataFrame: no watermark
-    first = write_batch(rows, lake, 7, "query-a", maybe_replayed=False)
-    replay = write_batch(rows, lake, 7, "query-a", maybe_replayed=True)
+    first = write_batch(parse(records), lake, 7, "query-a", 30)
+    replay = write_batch(parse(records), lake, 7, "query-a", 30)
+
+    assert (first.inserted, replay.inserted) == (len(lines), 0)
     stored = delta_reader.read_arrow(lake.table("transactions"), columns=["hash"])["hash"].to_pylist()
-    assert first.inserted == replay.inserted == len(lines)
-    assert "append" in first.seconds and "append" not in replay.seconds
     assert sorted(stored) == sorted(Transaction.from_json(line).hash for line in lines)
+    assert len(delta_reader.read_table(lake.table("quarantine"))) == 1

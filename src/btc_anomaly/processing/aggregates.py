@@ -3,7 +3,7 @@
 Design. The transactions query cannot also aggregate: its foreachBatch sees one micro-batch as a plain
 DataFrame (no streaming state), and a tx sent twice must be counted once. So the aggregates are a
 second streaming query whose source is the change data feed of the ``transactions`` Delta table,
-keeping only ``insert`` changes: every distinct hash arrives exactly once, after dedup, and
+keeping only ``insert`` changes: every distinct hash arrives exactly once, after dedup and MERGE, and
 the Delta source's offsets (table versions) are checkpointed like Kafka's.
 
 Both window sizes come from one stateful aggregation: each row is emitted once per granularity
@@ -96,39 +96,26 @@ def windowed(inserts: DataFrame, watermark: str) -> DataFrame:
 
 
 def upsert_stats(batch: DataFrame, table_paths: dict[int, str], app_id: str, batch_id: int) -> None:
-    """foreachBatch body: MERGE each granularity's rows into its table by window_start.
-
-    The batch is computed once (a local checkpoint) and both MERGEs read that copy. With a lazily
-    cached batch, as before, the first MERGE ran the aggregation again (its change-feed read and state
-    store), and Delta may copy a source it cannot prove deterministic: the two MERGEs took 4.7 and
-    1.9 s on this machine, a stats batch the transactions query's batches waited behind
-    (bench/RESULTS.md)."""
+    """foreachBatch body: MERGE each granularity's rows into its table by window_start."""
     from delta.tables import DeltaTable
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
-    from btc_anomaly.processing.sinks import _MATERIALIZE_SOURCE, _TxnConf, release
+    from btc_anomaly.processing.sinks import _TxnConf
 
     spark = batch.sparkSession
-    staged = batch.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+    batch = batch.cache()
     try:
-        present = {r[0] for r in staged.select("granularity_s").distinct().collect()}
         for g, path in table_paths.items():
-            if g not in present:
+            rows = batch.where(batch.granularity_s == g).drop("granularity_s")
+            if rows.isEmpty():
                 continue
-            rows = staged.where(F.col("granularity_s") == g).drop("granularity_s")
             with _TxnConf(spark, f"{app_id}:{g}", batch_id):
-                spark.conf.set(_MATERIALIZE_SOURCE, "none")  # already materialized: the checkpoint
-                try:
-                    (
-                        DeltaTable.forPath(spark, path)
-                        .alias("t")
-                        .merge(rows.alias("s"), "t.window_start = s.window_start")
-                        .whenMatchedUpdateAll()
-                        .whenNotMatchedInsertAll()
-                        .execute()
-                    )
-                finally:
-                    spark.conf.unset(_MATERIALIZE_SOURCE)
+                (
+                    DeltaTable.forPath(spark, path)
+                    .alias("t")
+                    .merge(rows.alias("s"), "t.window_start = s.window_start")
+                    .whenMatchedUpdateAll()
+                    .whenNotMatchedInsertAll()
+                    .execute()
+                )
     finally:
-        release(staged)
+        batch.unpersist()

@@ -3,24 +3,25 @@
 ``transactions`` (partitioned by ``date`` = UTC date of ``first_seen``, a generated column so any Spark
 filter on ``first_seen`` prunes partitions too; change data feed on, read by the aggregates query):
 
-* the stream's state store lets through the first copy of each hash (dedup.py), which is appended;
-* the first confirmed copy of a hash stored unconfirmed sets its ``block_height`` (an update MERGE,
-  only when one can change a row); nothing else is ever updated, so a later unconfirmed copy cannot
-  null it out.
+* each micro-batch is deduplicated by hash (earliest copy wins; ``block_height`` = any confirmed copy's),
+* then MERGEd by hash: a new hash is inserted; a stored unconfirmed tx whose copy is confirmed gets
+  its ``block_height``; nothing else is ever updated, so a later unconfirmed copy cannot null it out.
 
 ``quarantine``: every record that is not a valid canonical transaction, with the raw Kafka bytes, the
 reasons, and topic/partition/offset/timestamp, appended.
 
 Exactly once. Spark's Kafka source writes the offsets of batch N to the checkpoint before running it
 and marks N committed after, so after a crash the same batch N (same offsets, same records) runs
-again, against the state store as it was before N (its versions live in the same checkpoint), so
-the dedup lets the same hashes through. The append of batch N is marked with the streaming query id
-(it lives in the checkpoint) and N in the commit's ``userMetadata``; the replayed batch, the first of
-a query run, finds its marker and skips the append (``append_marker``). The update MERGE and the
-quarantine append carry Delta's transaction identifier (``txnAppId`` = query id + table + step,
-``txnVersion`` = N): Delta skips a write it has already committed for that app id. So a replay
-commits only what the crash cut off. The update MERGE is also harmless to re-run on its own (it only
-fills a null ``block_height``).
+again. Every Delta commit of batch N carries Delta's transaction identifier (``txnAppId`` = streaming
+query id + table + step, the query id living in the checkpoint; ``txnVersion`` = N): Delta skips a
+write it has already committed for that app id, so a replay commits only what the crash cut off.
+Independently, the MERGEs are harmless to re-run (insert only hashes not stored; fill a null
+``block_height`` with the same value), so the transactions table could not get a duplicate even
+without the identifier; the quarantine append relies on it.
+
+Throughput: see ``write_batch`` (one parse, one materialized copy per batch) and
+``merge_transactions`` (an insert-only MERGE, plus an update MERGE only when a confirmation can
+change a stored row).
 """
 
 from __future__ import annotations
@@ -38,9 +39,7 @@ import pyarrow as pa
 
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import tables
-from btc_anomaly.processing.dedup import CONFIRM, DEDUP_KEY, INSERT, ROLE
-from btc_anomaly.processing.dedup import QUARANTINE as QUARANTINE_ROLE
-from btc_anomaly.processing.parse import ERRORS, transaction_columns
+from btc_anomaly.processing.parse import ERRORS, is_valid, transaction_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -79,7 +78,7 @@ class Lake:
 
 def inserted_transactions(spark: SparkSession, lake: Lake, columns: list[str]) -> DataFrame:
     """Streaming rows newly inserted into ``transactions`` (its change data feed, inserts only): each
-    distinct hash once, after dedup — the source of the window and scoring queries."""
+    distinct hash once, after dedup and MERGE — the source of the window and scoring queries."""
     return (
         spark.readStream.format("delta")
         .option("readChangeFeed", "true")
@@ -105,7 +104,7 @@ def _nested_nullable(data_type: Any) -> Any:
 
 
 TRANSACTIONS_PROPERTIES = {
-    # Read by the aggregates query: every inserted row exactly once, after dedup.
+    # Read by the aggregates query: every inserted row exactly once, after dedup and MERGE.
     "delta.enableChangeDataFeed": "true",
     # A 1 s trigger adds a small file per batch, but Delta's auto compaction runs inside the commit
     # that trips it: it rewrote a 200,000-row backfill batch right after writing it (+2.3 s, half the
@@ -180,6 +179,41 @@ class _TxnConf:
         self.spark.conf.unset(_TXN_VERSION)
 
 
+def dedup_winners(valid: DataFrame) -> DataFrame:
+    """For each hash of ``valid`` (parsed rows), the Kafka position of the copy to keep and its block height.
+
+    The copy kept is the earliest (first_seen, then Kafka position); ``block_height`` is the largest of
+    any copy, so a confirmed copy wins over an unconfirmed one whatever the order. Only narrow columns
+    are shuffled (about 100 bytes a row instead of the whole transaction).
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    w = Window.partitionBy("hash").orderBy("first_seen", "partition", "offset")
+    whole = w.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    return (
+        valid.select(
+            "partition",
+            "offset",
+            F.max("block_height").over(whole).alias("best_block_height"),
+            F.row_number().over(w).alias("_rn"),
+        )
+        .where("_rn = 1")
+        .drop("_rn")
+    )
+
+
+def dedup_batch(valid: DataFrame, winners: DataFrame) -> DataFrame:
+    """``valid`` reduced to the ``winners`` rows (a broadcast join: the wide rows are not shuffled)."""
+    from pyspark.sql import functions as F
+
+    return (
+        valid.join(F.broadcast(winners), ["partition", "offset"])
+        .drop("block_height")
+        .withColumnRenamed("best_block_height", "block_height")
+    )
+
+
 @dataclass
 class BatchResult:
     inserted: int = 0
@@ -230,38 +264,68 @@ def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame,
     return not unconfirmed.join(F.broadcast(confirmed.select("hash")), "hash", "left_semi").isEmpty()
 
 
-def confirm_transactions(
-    confirmed: DataFrame,
+def merge_transactions(
+    source: DataFrame,
     path: str,
     app_id: str,
     batch_id: int,
-    result: BatchResult,
+    result: BatchResult | None = None,
+    any_confirmed: bool = True,
     since: dt.date | None = None,
-) -> None:
-    """Set ``block_height`` of stored unconfirmed rows from ``confirmed`` (hash, block_height) rows.
+) -> BatchResult:
+    """MERGE deduplicated rows into ``transactions`` by hash; returns (inserted, updated) rows.
 
-    The ON clause carries ``t.block_height IS NULL``, which Delta also uses to skip (by null-count
-    statistics) every file without unconfirmed rows, so only files that really change are scanned and
-    rewritten; the check before it spares the MERGE's fixed cost when nothing would change.
-    ``since``: only date partitions from this day on are searched (None: all).
+    Two Delta operations instead of one MERGE with both clauses, because Delta rewrites every file
+    holding a matched target row — also when the update condition is false for it, as for each
+    re-sent copy of a stored tx. So:
+
+    1. confirmed copies update ``block_height`` of stored rows that have none; the ON clause carries
+       ``t.block_height IS NULL``, which Delta also uses to skip (by null-count statistics) every file
+       without unconfirmed rows, so only files that really change are scanned and rewritten;
+    2. an insert-only MERGE (``whenNotMatchedInsert``), which Delta runs as a left-anti join plus an
+       append: no file is rewritten, whatever the number of duplicates.
+
+    Updates go first so a row inserted by (2) is never matched by (1) of the same batch (it already
+    carries the batch's best block height). Each has its own transaction identifier, so a crash
+    between the two replays only the missing one.
+
+    ``since``: only date partitions from this day on are searched for stored copies (partition
+    pruning: the cost of a MERGE no longer grows with the whole table); None searches everything.
     """
-    spark = confirmed.sparkSession
-    scope = from_date(since) if since is not None else "TRUE"
+    spark = source.sparkSession
+
+    def scope(prefix: str = "") -> str:
+        return from_date(since, prefix) if since is not None else "TRUE"
+
+    result = result if result is not None else BatchResult()
+    confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
     with result.phase("update_check"):
-        if not _has_unconfirmed_match(spark, path, confirmed, scope):
-            return
-    t_scope = from_date(since, "t.") if since is not None else "TRUE"
-    with result.phase("update_merge"):
+        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed, scope())
+    if to_update:
+        with result.phase("update_merge"):
+            m = _merge(
+                spark,
+                lambda t: t.merge(
+                    confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {scope('t.')}"
+                ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
+                path,
+                f"{app_id}:update",
+                batch_id,
+            )
+        result.updated = m.get("num_updated_rows", 0)
+    columns = [*transaction_columns(), "ingested_at"]
+    with result.phase("insert_merge"):
         m = _merge(
             spark,
-            lambda t: t.merge(
-                confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {t_scope}"
-            ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
+            lambda t: t.merge(source.alias("s"), f"t.hash = s.hash AND {scope('t.')}").whenNotMatchedInsert(
+                values={c: f"s.{c}" for c in columns}
+            ),
             path,
-            f"{app_id}:update",
+            f"{app_id}:insert",
             batch_id,
         )
-    result.updated = m.get("num_updated_rows", 0)
+    result.inserted = m.get("num_inserted_rows", 0)
+    return result
 
 
 def from_date(since: dt.date, prefix: str = "") -> str:
@@ -282,11 +346,10 @@ def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
     return int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
 
 
-def quarantine_frame(invalid: DataFrame) -> DataFrame:
-    """The quarantine's columns for parsed records that are not valid transactions."""
+def quarantine_frame(parsed: DataFrame) -> DataFrame:
     from pyspark.sql import functions as F
 
-    return invalid.select(
+    return parsed.where(~is_valid()).select(
         "key",
         "value",
         F.array_join(ERRORS, "; ").alias("error"),
@@ -300,35 +363,20 @@ def quarantine_frame(invalid: DataFrame) -> DataFrame:
 
 
 def write_batch(
-    rows: DataFrame,
-    lake: Lake,
-    batch_id: int,
-    app_id: str,
-    lookback_days: int = 0,
-    *,
-    maybe_replayed: bool = True,
+    parsed: DataFrame, lake: Lake, batch_id: int, app_id: str, lookback_days: int = 0
 ) -> BatchResult:
-    """Write one micro-batch of ``dedup.dedup_stream`` rows: append, confirm, quarantine.
+    """Write one micro-batch (Kafka records through ``parse.parse``): dedup + MERGE, quarantine the rest.
 
-    The batch is read from Kafka, parsed and deduplicated once, and kept (a local checkpoint,
-    serialized rows) with the raw bytes of quarantined records only; on the way, its roles are
-    counted. Every later step reads that copy — and must: each run of the plan would also run the
-    state store's dedup again. Then, each step under its own transaction identifier:
+    The batch is read from Kafka and parsed once, and kept (a local checkpoint, serialized rows) with
+    the raw bytes of invalid records only; on the way, invalid and confirmed rows are counted. Every
+    later step reads that copy: the choice of the copy to keep per hash (a shuffle of narrow columns),
+    the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
+    see bench/RESULTS.md), so it beats parsing twice; it also lets Delta skip its own copy of the
+    MERGE source (see _merge).
 
-    1. the ``insert`` rows are appended (each is the first copy of its hash: no anti-join against
-       the table, no MERGE); see ``append_marker`` for how a replayed batch is not appended twice;
-    2. the ``confirm`` rows update stored unconfirmed rows (``confirm_transactions``) — skipped when
-       every one confirms a hash this same batch appended confirmed, as in a replay of blocks;
-    3. the ``quarantine`` rows are appended to ``quarantine``.
-
-    The append goes before the update so that an unconfirmed copy and its confirmation in the same
-    batch end as one confirmed row. ``maybe_replayed``: the batch may have run before (the first batch
-    of a query run; Spark never runs a later one twice within a run). ``inserted`` counts the batch's insert rows, also when a replay
-    of the batch finds them committed already.
-
-    The parse and the dedup belong to the streaming query's plan, not to this function: built and
-    analyzed once at query start instead of once per micro-batch (building the parse's few hundred
-    expressions through py4j takes most of a second).
+    The parse belongs to the streaming query's plan, not to this function: built and analyzed once
+    at query start instead of once per micro-batch (building its few hundred expressions through
+    py4j takes most of a second).
     """
     from pyspark import StorageLevel
     from pyspark.sql import Observation
@@ -336,66 +384,54 @@ def write_batch(
 
     result = BatchResult()
     counts = Observation(f"batch-{batch_id}")
-    role = F.col(ROLE)
-    inserted, confirming = role == INSERT, role == CONFIRM
-    confirmed_insert = inserted & F.col("block_height").isNotNull()
     with result.phase("stage"):
-        quarantined = role == QUARANTINE_ROLE
+        valid_flag = is_valid()
         staged = (
-            rows.select(
-                *[c for c in rows.columns if c not in ("key", "value", DEDUP_KEY)],
+            parsed.select(
+                *[c for c in parsed.columns if c not in ("key", "value")],
                 # Raw bytes are kept for the quarantine only: half the size of the batch copy.
-                F.when(quarantined, F.col("key")).alias("key"),
-                F.when(quarantined, F.col("value")).alias("value"),
+                F.when(~valid_flag, F.col("key")).alias("key"),
+                F.when(~valid_flag, F.col("value")).alias("value"),
                 F.current_timestamp().alias("ingested_at"),
             )
             .observe(
                 counts,
-                F.count(F.when(quarantined, True)).alias("quarantined"),
-                F.count(F.when(inserted, True)).alias("inserts"),
-                F.count(F.when(confirming, True)).alias("confirms"),
-                F.count(F.when(confirmed_insert, True)).alias("confirmed_inserts"),
-                # Hashes confirmed or appended confirmed, in the same pass (no job of its own): equal to
-                # the confirmed inserts when every confirmation is of a hash appended confirmed here.
-                F.size(F.collect_set(F.when(confirming | confirmed_insert, F.col("hash")))).alias(
-                    "confirmed_hashes"
-                ),
-                F.min(F.when(inserted, F.to_date("first_seen"))).alias("oldest_insert"),
-                F.min(F.when(confirming, F.to_date("first_seen"))).alias("oldest_confirm"),
+                F.count(F.when(~valid_flag, True)).alias("invalid"),
+                F.count(F.when(valid_flag, True)).alias("valid"),
+                F.count(F.when(valid_flag & F.col("block_height").isNotNull(), True)).alias("confirmed"),
+                F.min(F.when(valid_flag, F.to_date("first_seen"))).alias("oldest"),
+                # Distinct valid hashes, counted in the same pass (no job of its own): when it equals
+                # the valid rows, the batch holds no duplicate and the dedup step is skipped.
+                F.size(F.collect_set(F.when(valid_flag, F.col("hash")))).alias("distinct"),
             )
             .localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
         )
         observed = counts.get
     try:
-        path = lake.table(TRANSACTIONS)
-        inserts = result.inserted = int(observed["inserts"])
-        marker = append_marker(app_id, batch_id)
-        if inserts and not (maybe_replayed and marker in recent_markers(staged.sparkSession, path)):
-            with result.phase("append"):
-                source = staged.where(inserted).select(*transaction_columns(), "ingested_at")
-                if inserts < SMALL_BATCH_ROWS:
-                    source = source.coalesce(1)  # one file per small batch, not one per Kafka partition
-                source.write.format("delta").mode("append").option("userMetadata", marker).save(path)
-            result.oldest = observed["oldest_insert"]
-        if int(observed["confirms"]) and int(observed["confirmed_hashes"]) != int(
-            observed["confirmed_inserts"]
-        ):
-            oldest = observed["oldest_confirm"]
-            confirm_transactions(
-                staged.where(confirming).select("hash", "block_height"),
-                path,
+        result.quarantined = int(observed["invalid"])
+        valid = staged.where(is_valid())
+        if int(observed["valid"]):  # an idle trigger commits nothing (no empty Delta versions)
+            if int(observed["distinct"]) != int(observed["valid"]):
+                with result.phase("dedup"):
+                    valid = dedup_batch(valid, dedup_winners(valid))
+            source = valid.select(*transaction_columns(), "ingested_at")
+            if int(observed["valid"]) < SMALL_BATCH_ROWS:
+                source = source.coalesce(1)  # one file per small batch, not one per Kafka partition
+            oldest = result.oldest = observed["oldest"]
+            since = oldest - dt.timedelta(days=lookback_days) if lookback_days and oldest else None
+            merge_transactions(
+                source,
+                lake.table(TRANSACTIONS),
                 f"{app_id}:{TRANSACTIONS}",
                 batch_id,
                 result,
-                since=oldest - dt.timedelta(days=lookback_days) if lookback_days and oldest else None,
+                any_confirmed=int(observed["confirmed"]) > 0,
+                since=since,
             )
-            if result.updated:
-                result.oldest = min(d for d in (result.oldest, oldest) if d is not None)
-        result.quarantined = int(observed["quarantined"])
         if result.quarantined:
             with result.phase("quarantine"):
                 (
-                    quarantine_frame(staged.where(quarantined))
+                    quarantine_frame(staged)
                     .write.format("delta")
                     .mode("append")
                     .option("txnAppId", f"{app_id}:{QUARANTINE}")
@@ -405,28 +441,6 @@ def write_batch(
     finally:
         release(staged)
     return result
-
-
-# Commits after a batch's append, before its checkpoint commit: its update MERGE and a compaction.
-MARKER_HISTORY = 20
-
-
-def append_marker(app_id: str, batch_id: int) -> str:
-    """The ``userMetadata`` of the commit appending batch ``batch_id`` of the query ``app_id``.
-
-    Why not Delta's transaction identifier (``txnAppId``/``txnVersion``), as for the other writes:
-    looking it up makes Delta rebuild the table's transaction list from the log, three Spark jobs and
-    ~0.45 s on every append (measured, bench/RESULTS.md) — half of a 1 s trigger. A replay can only be
-    the first batch of a query run, so only that one looks for its marker in the last commits."""
-    return f"{app_id}:{TRANSACTIONS}:append:{batch_id}"
-
-
-def recent_markers(spark: SparkSession, path: str) -> set[str]:
-    """The ``userMetadata`` of the table's last ``MARKER_HISTORY`` commits (read from the log, no job)."""
-    from delta.tables import DeltaTable
-
-    rows = DeltaTable.forPath(spark, path).history(MARKER_HISTORY).select("userMetadata").collect()
-    return {r["userMetadata"] for r in rows if r["userMetadata"]}
 
 
 def release(checkpointed: DataFrame) -> None:

@@ -2,10 +2,9 @@
 
 Three streaming queries share one SparkSession:
 
-* ``transactions`` — Spark's Kafka source on ``Settings.topic``; records are parsed and validated in
-  Spark SQL (parse.py) and deduplicated by hash in Spark's state store (dedup.py); each micro-batch
-  appends the new transactions to ``transactions``, confirms stored ones and appends the invalid
-  records to ``quarantine`` (sinks.py; the exactly-once argument is there);
+* ``transactions`` — Spark's Kafka source on ``Settings.topic``; each micro-batch is parsed and validated
+  in Spark SQL (parse.py), valid rows are deduplicated and MERGEd into ``transactions``, the others
+  appended to ``quarantine`` (sinks.py; the exactly-once argument is there);
 * ``tx_stats`` — the change data feed of ``transactions`` aggregated into 1 and 5 minute event-time
   windows with a watermark, upserted into ``tx_stats_1m`` / ``tx_stats_5m`` (aggregates.py).
 * ``scoring`` — the same change data feed scored by the champion into ``scored_transactions``, once a
@@ -26,13 +25,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from btc_anomaly.config import Settings
 from btc_anomaly.monitoring.metrics import STREAM_QUARANTINED
 from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, windowed
-from btc_anomaly.processing.dedup import dedup_stream
 from btc_anomaly.processing.parse import parse
 from btc_anomaly.processing.scoring_query import SCORING_QUERY, champion_exists, start_scoring_query
 from btc_anomaly.processing.sinks import (
@@ -53,23 +50,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TX_QUERY = "transactions"
-# The query's checkpoint holds its dedup state; the one named after the query is from the versions
-# that MERGEd every batch instead (no state: Spark cannot resume it with one). See resume_offsets.
-TX_CHECKPOINT = "transactions-dedup"
-LEGACY_TX_CHECKPOINT = TX_QUERY
 STATS_QUERY = "tx_stats"
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_TIMEOUT_S = 60.0
 
 
-def kafka_source(spark: SparkSession, settings: Settings, starting_offsets: str | None = None) -> DataFrame:
-    """Spark's Kafka source on ``Settings.topic``; ``starting_offsets`` (used only without a checkpoint)
-    overrides ``Settings.stream_starting_offsets``."""
+def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
     reader = (
         spark.readStream.format("kafka")
         .option("kafka.bootstrap.servers", settings.kafka_bootstrap)
         .option("subscribe", settings.topic)
-        .option("startingOffsets", starting_offsets or settings.stream_starting_offsets)
+        .option("startingOffsets", settings.stream_starting_offsets)
         .option("failOnDataLoss", str(settings.stream_fail_on_data_loss).lower())
         .option("includeHeaders", "false")
         .option("kafka.fetch.max.wait.ms", str(settings.stream_kafka_fetch_max_wait_ms))
@@ -100,20 +91,11 @@ def start_transactions_query(
 ) -> StreamingQuery:
     compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
 
-    first = True  # of this query run: the only batch that can be a replay of one already written
-
     def handle(batch: DataFrame, batch_id: int) -> None:
-        nonlocal first
         started = time.perf_counter()
         result = write_batch(
-            batch,
-            lake,
-            batch_id,
-            streaming_query_id(batch.sparkSession),
-            settings.stream_dedup_lookback_days,
-            maybe_replayed=first,
+            batch, lake, batch_id, streaming_query_id(batch.sparkSession), settings.stream_dedup_lookback_days
         )
-        first = False
         compactor.wrote(result.oldest)
         STREAM_QUARANTINED.inc(result.quarantined)
         log.info(
@@ -129,54 +111,24 @@ def start_transactions_query(
             on_batch(batch_id, result)
         compactor.run_if_due(batch.sparkSession)
 
-    checkpoint = Path(lake.checkpoint(TX_CHECKPOINT))
-    resumed = None if checkpoint.exists() else resume_offsets(Path(lake.checkpoint(LEGACY_TX_CHECKPOINT)))
-    if resumed is not None:
-        log.warning(
-            "transactions: the checkpoint of the previous (MERGE) design stays behind; starting the "
-            "deduplicating query where it stopped (%s), with an empty dedup state",
-            resumed,
-        )
-    source = parse(kafka_source(spark, settings, resumed))
     return (
-        dedup_stream(source, settings.stream_dedup_lookback_days)
+        parse(kafka_source(spark, settings))
         .writeStream.queryName(TX_QUERY)
-        .option("checkpointLocation", str(checkpoint))
+        .option("checkpointLocation", lake.checkpoint(TX_QUERY))
         .trigger(**trigger_options(settings.stream_trigger_s, available_now))
         .foreachBatch(handle)
         .start()
     )
 
 
-def resume_offsets(checkpoint: Path) -> str | None:
-    """The Kafka offsets where a transactions checkpoint of the MERGE design stopped (JSON, Spark's
-    ``startingOffsets`` form), or None when there is none.
-
-    They are the end offsets of its last *committed* batch. A batch it started and did not commit (a
-    crash, not a graceful stop, which waits for the running batch) is read again, and whatever of it
-    the old MERGE had already inserted is stored twice: the new state does not know those hashes."""
-    commits = [int(p.name) for p in (checkpoint / "commits").glob("[0-9]*") if p.name.isdigit()]
-    if not commits:
-        return None
-    started = [int(p.name) for p in (checkpoint / "offsets").glob("[0-9]*") if p.name.isdigit()]
-    if max(started) > max(commits):
-        log.warning(
-            "transactions: the MERGE design's batch %d never committed; it is read again", max(started)
-        )
-    lines = (checkpoint / "offsets" / str(max(commits))).read_text().splitlines()
-    # "v1", the batch metadata, then one line per source: the query has exactly one (Kafka).
-    return lines[2] if len(lines) > 2 else None
-
-
 @dataclass
 class Compactor:
     """Compacts the date partitions the transactions query wrote, every ``every`` batches that wrote.
 
-    A small batch writes one file, and every reader (the change feed readers, the confirmation MERGE,
-    the trainer) opens the files of the partitions it reads, so they must not pile up. Compacting in
-    the query's own batch handler, between two batches, never competes with the query's commits, and
-    the batch that trips it is not slowed by a rewrite inside its own commit (Delta's auto compaction,
-    see sinks.TRANSACTIONS_PROPERTIES)."""
+    A small batch writes one file, and the MERGE of every later batch opens the files of the partitions
+    it searches, so they must not pile up. Compacting in the query's own batch handler, between two
+    batches, never competes with the query's commits, and the batch that trips it is not slowed by a
+    rewrite inside its own commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES)."""
 
     path: str
     every: int
