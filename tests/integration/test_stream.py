@@ -186,8 +186,8 @@ def test_an_unconfirmed_copy_and_its_confirmation_in_one_batch(spark: object, se
 
 
 def test_a_replayed_batch_writes_nothing_twice(spark: Any, tmp_path: Path) -> None:
-    """Spark runs the batch a crash cut off again, with the same batch id: the MERGEs (no transaction
-    identifier) find every row in place, the quarantine append (one) is skipped by Delta."""
+    """Spark runs the batch a crash cut off again, with the same batch id: every write of it (the
+    insert MERGE, the quarantine append) finds itself committed and adds nothing."""
     from pyspark.sql import functions as F
 
     from btc_anomaly.processing.parse import parse
