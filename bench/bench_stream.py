@@ -15,10 +15,10 @@ A single-node broker is started on free ports in a temporary folder and the stre
   transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after at least 30 s of
   warm-up traffic that is not measured, until the stats query has written once), and a delta-rs
   reader polling the table every 50 ms: latency = first time a hash is readable in Delta minus its
-  send time. Then the same with the baseline: Spark's Delta
-  sink appending (1 s trigger) instead of the transactions query, the tx_stats query beside it; and with
-  the candidate design for the latency goal: dedup by hash in Spark's state store
-  (``dropDuplicatesWithinWatermark`` on the Kafka timestamp) in front of the same Delta sink.
+  send time. Then the same with the baseline: Spark's Delta sink appending (1 s trigger) instead of
+  the transactions query, the tx_stats query beside it; and with the candidate design for the latency
+  goal: dedup by hash in Spark's state store (``dropDuplicatesWithinWatermark`` on the Kafka
+  timestamp) in front of the same Delta sink.
 
 Both backfill cases run once untimed on a topic of the same size first, so neither pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
