@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--rate", type=float, default=20.0, help="latency case: tx/s sent")
     parser.add_argument("--seconds", type=float, default=60.0, help="latency case: how long to send")
     parser.add_argument("--only", choices=("backfill", "latency"), help="run one part only")
+    parser.add_argument("--trigger", type=float, default=1.0, help="latency case: trigger interval, s")
     parser.add_argument(
         "--sinks", default=",".join(SINKS), help=f"latency cases to run, of {', '.join(SINKS)}"
     )
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 base,
                 _topic(broker.bootstrap, f"bench.{name}.{suffix}"),
                 name,
-                stream_trigger_s=1.0,
+                stream_trigger_s=args.trigger,
                 stream_max_offsets_per_trigger=200_000,
                 stream_scoring=False,  # no registry here: publish → transactions is what is measured
             )
@@ -419,7 +420,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             lat = _latency(spark, latency_settings, args.rate, args.seconds, sink=sink)
             rows.append(
                 {
-                    "case": f"latency, {SINKS[sink]}: 1 s trigger, {args.rate:g} tx/s for {args.seconds:g} s",
+                    "case": f"latency, {SINKS[sink]}: {args.trigger:g} s trigger, {args.rate:g} tx/s for "
+                    f"{args.seconds:g} s",
                     "messages": lat["sent"],
                     "rows stored": lat["visible"],
                     "p50 s": lat["p50_s"],
