@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pandas as pd
@@ -21,6 +22,21 @@ from btc_anomaly.schema import Transaction
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 Record = tuple[bytes | None, bytes | None]  # (key, value)
+
+
+def kafka_frame(spark: Any, values: list[bytes | None]) -> Any:
+    """A batch DataFrame with the Kafka source's columns (offset = position in ``values``, partition 0),
+    for testing the stream's per-record logic without a broker."""
+    from pyspark.sql import functions as F
+
+    return spark.createDataFrame([(i, v) for i, v in enumerate(values)], "offset long, value binary").select(
+        F.lit(None).cast("binary").alias("key"),
+        "value",
+        F.lit("t").alias("topic"),
+        F.lit(0).alias("partition"),
+        "offset",
+        F.current_timestamp().alias("timestamp"),
+    )
 
 
 def sample_lines() -> list[bytes]:

@@ -24,6 +24,7 @@ from btc_anomaly.schema import Transaction
 from helpers.stream import (
     create_topic,
     expected_stats,
+    kafka_frame,
     key_of,
     malformed,
     publish,
@@ -188,27 +189,15 @@ def test_an_unconfirmed_copy_and_its_confirmation_in_one_batch(spark: object, se
 def test_a_replayed_batch_writes_nothing_twice(spark: Any, tmp_path: Path) -> None:
     """Spark runs the batch a crash cut off again, with the same batch id: every write of it (the
     insert MERGE, the quarantine append) finds itself committed and adds nothing."""
-    from pyspark.sql import functions as F
-
     from btc_anomaly.processing.parse import parse
     from btc_anomaly.processing.sinks import Lake, ensure_tables, write_batch
 
     lake = Lake(tmp_path / "lake", tmp_path / "checkpoints")
     ensure_tables(spark, lake)
     lines = sample_lines()[:50]
-    values = [*lines, b"{not json"]
-    records = spark.createDataFrame(
-        [(i, v) for i, v in enumerate(values)], "offset long, value binary"
-    ).select(
-        F.lit(None).cast("binary").alias("key"),
-        "value",
-        F.lit("t").alias("topic"),
-        F.lit(0).alias("partition"),
-        "offset",
-        F.current_timestamp().alias("timestamp"),
-    )
-    first = write_batch(parse(records), lake, 7, "query-a", 30)
-    replay = write_batch(parse(records), lake, 7, "query-a", 30)
+    parsed = parse(kafka_frame(spark, [*lines, b"{not json"]))
+    first = write_batch(parsed, lake, 7, "query-a", 30)
+    replay = write_batch(parsed, lake, 7, "query-a", 30)
 
     assert (first.inserted, replay.inserted) == (len(lines), 0)
     stored = delta_reader.read_arrow(lake.table("transactions"), columns=["hash"])["hash"].to_pylist()

@@ -16,7 +16,7 @@ import pytest
 
 from btc_anomaly.processing.parse import ERRORS, parse, transaction_columns
 from btc_anomaly.schema import InvalidTransaction, Transaction, parse_transaction
-from helpers.stream import malformed, sample_lines
+from helpers.stream import kafka_frame, malformed, sample_lines
 
 pytestmark = pytest.mark.integration
 
@@ -64,17 +64,7 @@ def _pydantic_valid(value: bytes | None) -> bool:
 
 
 def _spark_verdicts(spark: Any, values: list[bytes | None]) -> list[dict[str, Any]]:
-    from pyspark.sql import functions as F
-
-    df = spark.createDataFrame([(i, v) for i, v in enumerate(values)], "offset long, value binary").select(
-        F.lit(None).cast("binary").alias("key"),
-        "value",
-        F.lit("t").alias("topic"),
-        F.lit(0).alias("partition"),
-        "offset",
-        F.current_timestamp().alias("timestamp"),
-    )
-    rows = parse(df).orderBy("offset").collect()
+    rows = parse(kafka_frame(spark, values)).orderBy("offset").collect()
     return [r.asDict(recursive=True) for r in rows]
 
 
