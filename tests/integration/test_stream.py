@@ -187,17 +187,19 @@ def test_an_unconfirmed_copy_and_its_confirmation_in_one_batch(spark: object, se
 
 
 def test_a_replayed_batch_writes_nothing_twice(spark: Any, tmp_path: Path) -> None:
-    """Spark runs the batch a crash cut off again, with the same batch id: every write of it (the
-    insert MERGE, the quarantine append) finds itself committed and adds nothing."""
+    """Spark runs the batch a crash cut off again, with the same batch id, in a new query run: the
+    run's index, loaded from the table, routes every stored row to the MERGE, which inserts nothing,
+    and the quarantine append finds itself committed."""
     from btc_anomaly.processing.parse import parse
     from btc_anomaly.processing.sinks import Lake, ensure_tables, write_batch
+    from btc_anomaly.processing.stored_hashes import StoredHashes
 
     lake = Lake(tmp_path / "lake", tmp_path / "checkpoints")
     ensure_tables(spark, lake)
     lines = sample_lines()[:50]
     parsed = parse(kafka_frame(spark, [*lines, b"{not json"]))
-    first = write_batch(parsed, lake, 7, "query-a", 30)
-    replay = write_batch(parsed, lake, 7, "query-a", 30)
+    first = write_batch(parsed, lake, 7, "query-a", StoredHashes(), 30)
+    replay = write_batch(parsed, lake, 7, "query-a", StoredHashes(), 30)
 
     assert (first.inserted, replay.inserted) == (len(lines), 0)
     stored = delta_reader.read_arrow(lake.table("transactions"), columns=["hash"])["hash"].to_pylist()

@@ -4,24 +4,27 @@
 filter on ``first_seen`` prunes partitions too; change data feed on, read by the aggregates query):
 
 * each micro-batch is deduplicated by hash (earliest copy wins; ``block_height`` = any confirmed copy's),
-* then MERGEd by hash: a new hash is inserted; a stored unconfirmed tx whose copy is confirmed gets
-  its ``block_height``; nothing else is ever updated, so a later unconfirmed copy cannot null it out.
+* rows the query's index of stored hashes (stored_hashes.py) certainly does not hold are appended,
+* the others — re-sent copies, confirmations, the rare key collision — are MERGEd by hash: a new hash
+  is inserted; a stored unconfirmed tx whose copy is confirmed gets its ``block_height``; nothing else
+  is ever updated, so a later unconfirmed copy cannot null it out.
 
 ``quarantine``: every record that is not a valid canonical transaction, with the raw Kafka bytes, the
 reasons, and topic/partition/offset/timestamp, appended.
 
 Exactly once. Spark's Kafka source writes the offsets of batch N to the checkpoint before running it
 and marks N committed after, so after a crash the same batch N (same offsets, same records) runs
-again. Every Delta commit of batch N carries Delta's transaction identifier (``txnAppId`` = streaming
-query id + table + step, the query id living in the checkpoint; ``txnVersion`` = N): Delta skips a
-write it has already committed for that app id, so a replay commits only what the crash cut off.
-Independently, the MERGEs are harmless to re-run (insert only hashes not stored; fill a null
-``block_height`` with the same value), so the transactions table could not get a duplicate even
-without the identifier; the quarantine append relies on it.
+again, as the first batch of a new query run. That run's index is loaded from the table, so every row
+batch N had appended is found and goes to the MERGE, which does not insert a stored hash. The MERGEs
+and the quarantine append carry Delta's transaction identifier (``txnAppId`` = streaming query id +
+table + step, the query id living in the checkpoint; ``txnVersion`` = N): Delta skips a write it has
+already committed for that app id, so a replay commits only what the crash cut off. The MERGEs are
+harmless to re-run anyway (insert only hashes not stored; fill a null ``block_height`` with the same
+value); the quarantine append relies on the identifier.
 
-Throughput: see ``write_batch`` (one parse, one materialized copy per batch) and
-``merge_transactions`` (an insert-only MERGE, plus an update MERGE only when a confirmation can
-change a stored row).
+Throughput: see ``write_batch`` (one parse, one materialized copy per batch), ``write_new_transactions``
+(a plain append for new hashes) and ``merge_transactions`` (an insert-only MERGE, plus an update MERGE
+only when a confirmation can change a stored row).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import tables
 from btc_anomaly.processing.parse import ERRORS, is_valid, transaction_columns
+from btc_anomaly.processing.stored_hashes import Days, Keys, StoredHashes
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -264,6 +269,76 @@ def _has_unconfirmed_match(spark: SparkSession, path: str, confirmed: DataFrame,
     return not unconfirmed.join(F.broadcast(confirmed.select("hash")), "hash", "left_semi").isEmpty()
 
 
+_EPOCH = dt.date(1970, 1, 1)
+_ALL_DAYS = int(np.iinfo(np.int32).min)
+
+
+def _day(date: dt.date | None) -> int:
+    """A date as days since 1970 (Arrow's date32); None (no lower bound) as the smallest."""
+    return (date - _EPOCH).days if date is not None else _ALL_DAYS
+
+
+def _date(day: int) -> dt.date:
+    return _EPOCH + dt.timedelta(days=day)
+
+
+def _keys_and_days(frame: DataFrame) -> tuple[Keys, Days]:
+    """(xxhash64 of hash, date) of ``frame``'s rows, collected as Arrow (``frame`` has both columns)."""
+    table = frame.toArrow()
+    return (
+        table["key"].to_numpy().astype(np.int64, copy=False),
+        table["date"].cast(pa.int32()).to_numpy().astype(np.int32, copy=False),
+    )
+
+
+def write_new_transactions(
+    source: DataFrame, path: str, stored: StoredHashes, since: dt.date | None, result: BatchResult
+) -> DataFrame | None:
+    """Append the rows of ``source`` (one per hash) that ``stored`` says are certainly not in the table;
+    return the others (maybe stored: they need the exact MERGE), or None when there are none.
+
+    The common case, a batch of new transactions, is one plain Delta append: no snapshot state rebuild
+    and no anti-join with the table (stored_hashes.py says why that is safe)."""
+    from pyspark.sql import functions as F
+
+    spark = source.sparkSession
+    first = _day(since)
+    missing = stored.to_load(first)
+    if missing is not None:
+        with result.phase("load_index"):
+            start, end = missing
+            scope = [] if start == _ALL_DAYS else [from_date(_date(start))]
+            if end is not None:
+                scope.append(f"{tables.DATE_COLUMN} < DATE'{_date(end).isoformat()}'")
+            table = spark.read.format("delta").load(path).where(" AND ".join(scope) or "TRUE")
+            stored.loaded(*_keys_and_days(table.select(_key(), tables.DATE_COLUMN)), first)
+    with result.phase("lookup"):
+        # The generated partition column's own expression, so the date is the one the row is stored under.
+        keys, days = _keys_and_days(
+            source.select(_key(), F.col("first_seen").cast("date").alias(tables.DATE_COLUMN))
+        )
+        hit = stored.contains(keys, first)
+        stored.stage(keys, days)
+    if hit.all():
+        return source
+    known, new = None, source
+    if hit.any():
+        hits = F.broadcast(spark.createDataFrame(pa.table({"_key": keys[hit]})))
+        keyed = source.withColumn("_key", _key())
+        known = keyed.join(hits, "_key", "left_semi").drop("_key")
+        new = keyed.join(hits, "_key", "left_anti").drop("_key")
+    with result.phase("append"):
+        new.write.format("delta").mode("append").save(path)
+    result.inserted += int(len(keys) - hit.sum())
+    return known
+
+
+def _key() -> Any:
+    from pyspark.sql import functions as F
+
+    return F.xxhash64("hash").alias("key")
+
+
 def merge_transactions(
     source: DataFrame,
     path: str,
@@ -324,7 +399,7 @@ def merge_transactions(
             f"{app_id}:insert",
             batch_id,
         )
-    result.inserted = m.get("num_inserted_rows", 0)
+    result.inserted += m.get("num_inserted_rows", 0)
     return result
 
 
@@ -363,14 +438,20 @@ def quarantine_frame(parsed: DataFrame) -> DataFrame:
 
 
 def write_batch(
-    parsed: DataFrame, lake: Lake, batch_id: int, app_id: str, lookback_days: int = 0
+    parsed: DataFrame,
+    lake: Lake,
+    batch_id: int,
+    app_id: str,
+    stored: StoredHashes,
+    lookback_days: int = 0,
 ) -> BatchResult:
-    """Write one micro-batch (Kafka records through ``parse.parse``): dedup + MERGE, quarantine the rest.
+    """Write one micro-batch (Kafka records through ``parse.parse``): dedup, append new hashes, MERGE
+    the rest, quarantine the invalid; ``stored``: the query run's index of stored hashes.
 
     The batch is read from Kafka and parsed once, and kept (a local checkpoint, serialized rows) with
     the raw bytes of invalid records only; on the way, invalid and confirmed rows are counted. Every
     later step reads that copy: the choice of the copy to keep per hash (a shuffle of narrow columns),
-    the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
+    the index lookup, the append, the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
     see bench/RESULTS.md), so it beats parsing twice; it also lets Delta skip its own copy of the
     MERGE source (see _merge).
 
@@ -419,15 +500,20 @@ def write_batch(
                 source = source.coalesce(1)  # one file per small batch, not one per Kafka partition
             oldest = result.oldest = observed["oldest"]
             since = oldest - dt.timedelta(days=lookback_days) if lookback_days and oldest else None
-            merge_transactions(
-                source,
-                lake.table(TRANSACTIONS),
-                f"{app_id}:{TRANSACTIONS}",
-                batch_id,
-                result,
-                any_confirmed=int(observed["confirmed"]) > 0,
-                since=since,
-            )
+            known = write_new_transactions(source, lake.table(TRANSACTIONS), stored, since, result)
+            if known is not None:
+                merge_transactions(
+                    known,
+                    lake.table(TRANSACTIONS),
+                    f"{app_id}:{TRANSACTIONS}",
+                    batch_id,
+                    result,
+                    any_confirmed=int(observed["confirmed"]) > 0,
+                    since=since,
+                )
+            stored.commit()
+            if since is not None:
+                stored.forget_before(_day(since) - lookback_days)
         if result.quarantined:
             with result.phase("quarantine"):
                 (

@@ -42,6 +42,7 @@ from btc_anomaly.processing.sinks import (
     streaming_query_id,
     write_batch,
 )
+from btc_anomaly.processing.stored_hashes import StoredHashes
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -90,11 +91,18 @@ def start_transactions_query(
     on_batch: BatchHook | None = None,
 ) -> StreamingQuery:
     compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
+    # One index per query run: it is loaded from the table by the run's first batch (stored_hashes.py).
+    stored = StoredHashes()
 
     def handle(batch: DataFrame, batch_id: int) -> None:
         started = time.perf_counter()
         result = write_batch(
-            batch, lake, batch_id, streaming_query_id(batch.sparkSession), settings.stream_dedup_lookback_days
+            batch,
+            lake,
+            batch_id,
+            streaming_query_id(batch.sparkSession),
+            stored,
+            settings.stream_dedup_lookback_days,
         )
         compactor.wrote(result.oldest)
         STREAM_QUARANTINED.inc(result.quarantined)
