@@ -3,22 +3,27 @@
 A single-node broker is started on free ports in a temporary folder and the stream runs in this process
 (local[2], the same SparkSession for every case). Rows:
 
-* ``backfill: dedup + MERGE`` — ``messages`` records (the bundled sample looped with fresh hashes, as
+* ``backfill: index + append`` — ``messages`` records (the bundled sample looped with fresh hashes, as
   the producer's replay makes them) pre-published to a 3-partition topic, then drained by the
   transactions query exactly as ``btc-anomaly stream`` runs it (parse + validate, in-batch dedup, the
-  update check, insert-only MERGE by hash, quarantine), trigger availableNow, ``max_offsets`` per batch.
+  lookup in the query's index of stored hashes, append of the new ones, MERGE of the others,
+  quarantine), trigger availableNow, ``max_offsets`` per batch.
+* ``backfill: every row through the MERGE`` — the same with the design of sessions 1-6 (an index that
+  rules nothing out: update check + insert-only MERGE for every batch), for the same-run ratio.
+* ``backfill: the same records again`` — ours over the same topic into the same table with a new
+  checkpoint: every hash is stored, every row takes the MERGE (a replayed or re-sent topic).
 * ``backfill: plain append`` — the same records, same parse and validation, written with Spark's own
   Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
-* ``backfill: state-store dedup`` — the same with the candidate design of the latency case below.
-* ``backfill: window aggregates`` — the tx_stats query draining the MERGEd table's change feed.
+* ``backfill: state-store dedup`` — the same with the state-store design of the latency case below.
+* ``backfill: window aggregates`` — the tx_stats query draining ours' table's change feed.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
   transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after at least 30 s of
   warm-up traffic that is not measured, until the stats query has written once), and a delta-rs
   reader polling the table every 50 ms: latency = first time a hash is readable in Delta minus its
-  send time. Then the same with the baseline: Spark's Delta sink appending (1 s trigger) instead of
-  the transactions query, the tx_stats query beside it; and with the candidate design for the latency
-  goal: dedup by hash in Spark's state store (``dropDuplicatesWithinWatermark`` on the Kafka
-  timestamp) in front of the same Delta sink.
+  send time. Then the same with every row through the MERGE (sessions 1-6); with the baseline:
+  Spark's Delta sink appending (1 s trigger) instead of the transactions query, the tx_stats query
+  beside it; and with the state-store design measured in sessions 5-6: dedup by hash in Spark's
+  state store (``dropDuplicatesWithinWatermark`` on the Kafka timestamp) in front of the same sink.
 
 Both backfill cases run once untimed on a topic of the same size first, so neither pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
@@ -38,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +99,9 @@ def _settings(base: Settings, topic: str, name: str, **changes: Any) -> Settings
     return base.model_copy(update={"topic": topic, "lake_root": base.state_dir / name, **changes})
 
 
-def _merge_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, float], int]:
+def _merge_backfill(
+    spark: Any, settings: Settings, sink: str = "ours"
+) -> tuple[float, dict[str, float], int]:
     from btc_anomaly.processing.stream import StreamRunner
 
     phases: dict[str, float] = {}
@@ -107,8 +115,27 @@ def _merge_backfill(spark: Any, settings: Settings) -> tuple[float, dict[str, fl
 
     runner = StreamRunner(settings, spark, on_batch=on_batch)
     started = time.perf_counter()
-    runner.run_available_now(stats=False)
+    _merging_everything(lambda: runner.run_available_now(stats=False), sink)()
     return time.perf_counter() - started, phases, batches
+
+
+def _merging_everything(run: Callable[[], Any], sink: str) -> Callable[[], Any]:
+    """``run`` as the design of sessions 1-6 when ``sink`` is "merge-only": every row through the
+    insert MERGE, as with an index of stored hashes that never rules a hash out."""
+    from btc_anomaly.processing.stored_hashes import StoredHashes
+
+    if sink != "merge-only":
+        return run
+
+    def merging() -> Any:
+        original = StoredHashes.contains
+        StoredHashes.contains = lambda _self, keys, _since: np.ones(len(keys), dtype=bool)  # type: ignore[method-assign]
+        try:
+            return run()
+        finally:
+            StoredHashes.contains = original  # type: ignore[method-assign]
+
+    return merging
 
 
 def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bool = False) -> Any:
@@ -139,9 +166,10 @@ def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bo
 
 # The latency cases: the production runner, and two designs with Spark's Delta sink in its place.
 SINKS = {
-    "ours": "dedup + MERGE (ours)",
+    "ours": "index + append, MERGE for stored hashes (ours)",
+    "merge-only": "every row through the MERGE (sessions 1-6)",
     "append": "plain Delta append (baseline)",
-    "state-dedup": "state-store dedup + Delta append (candidate design)",
+    "state-dedup": "state-store dedup + Delta append (sessions 5-6 design)",
 }
 
 
@@ -217,14 +245,14 @@ def _latency(
 
     runner: StreamRunner | None = None
     baseline: list[Any] = []
-    if sink != "ours":
+    if sink not in ("ours", "merge-only"):
         baseline = [
             _append_query(spark, settings, available_now=False, dedup=sink == "state-dedup"),
             start_stats_query(spark, settings, Lake.from_settings(settings)),
         ]
     else:
         runner = StreamRunner(settings, spark)
-        stream = threading.Thread(target=runner.run_forever, daemon=True)
+        stream = threading.Thread(target=_merging_everything(runner.run_forever, sink), daemon=True)
         stream.start()
     watcher = _Visibility(settings.lake_table("transactions"))
     watcher.start()
@@ -302,23 +330,34 @@ def _backfill_rows(
     publish_s = _publish_looped(bootstrap, big, messages)
     log.warning("published %d messages in %.1f s", messages, publish_s)
     _merge_backfill(spark, _settings(base, warm, "warm-merge"))
+    _merge_backfill(spark, _settings(base, warm, "warm-merge-only"), "merge-only")
     _append_backfill(spark, _settings(base, warm, "warm-append"))
     _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), dedup=True)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
+
+    def ours(case: str, settings: Settings, sink: str = "ours") -> None:
+        seconds, phases, batches = _merge_backfill(spark, settings, sink)
+        rows.append(
+            {
+                "case": case,
+                "messages": messages,
+                "rows stored": _count(settings.lake_table("transactions")),
+                "batches": batches,
+                "seconds": seconds,
+                "tx/s": messages / seconds,
+                "notes": ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
+            }
+        )
+
     merge_settings = _settings(base, big, "merge")
-    merge_s, phases, batches = _merge_backfill(spark, merge_settings)
-    stored = _count(merge_settings.lake_table("transactions"))
-    rows.append(
-        {
-            "case": "backfill: dedup + MERGE (ours)",
-            "messages": messages,
-            "rows stored": stored,
-            "batches": batches,
-            "seconds": merge_s,
-            "tx/s": messages / merge_s,
-            "notes": ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
-        }
+    ours(f"backfill: {SINKS['ours']}", merge_settings)
+    ours(f"backfill: {SINKS['merge-only']}", _settings(base, big, "merge-only"), "merge-only")
+    # The same records again into the same table (a new checkpoint: a replay from the earliest
+    # offsets): every hash is stored, so every row takes the MERGE — the cost of a re-sent topic.
+    ours(
+        "backfill: ours, the same records again (every hash stored)",
+        merge_settings.model_copy(update={"checkpoint_dir": merge_settings.lake_dir / "_checkpoints_again"}),
     )
     append_settings = _settings(base, big, "append")
     append_s = _append_backfill(spark, append_settings)
@@ -336,7 +375,7 @@ def _backfill_rows(
     dedup_s = _append_backfill(spark, dedup_settings, dedup=True)
     rows.append(
         {
-            "case": "backfill: state-store dedup + Delta append (candidate design)",
+            "case": "backfill: state-store dedup + Delta append (sessions 5-6 design)",
             "messages": messages,
             "rows stored": _count(dedup_settings.lake_table("transactions")),
             "seconds": dedup_s,
@@ -345,6 +384,7 @@ def _backfill_rows(
         }
     )
     stats_s = _stats_backfill(spark, merge_settings)
+    stored = _count(merge_settings.lake_table("transactions"))
     rows.append(
         {
             "case": "backfill: window aggregates (1m + 5m)",

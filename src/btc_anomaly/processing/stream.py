@@ -178,7 +178,14 @@ def start_stats_query(
     )
 
     def handle(batch: DataFrame, batch_id: int) -> None:
-        upsert_stats(batch, paths, streaming_query_id(batch.sparkSession), batch_id)
+        started = time.perf_counter()
+        upserted = upsert_stats(batch, paths)
+        log.info(
+            "stats batch %d: %d window rows upserted in %.2f s",
+            batch_id,
+            upserted,
+            time.perf_counter() - started,
+        )
 
     return (
         windowed(inserts, settings.stream_watermark)
