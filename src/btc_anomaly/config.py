@@ -241,8 +241,9 @@ class Settings(BaseSettings):
     )
     stream_dedup_lookback_days: int = Field(
         30,
-        description="MERGE looks for a tx's stored copy only in date partitions this many days before the "
-        "batch's oldest first_seen (0 = the whole table: exact forever, but each batch scans every hash).",
+        description="Dedup looks for a tx's stored copy only in date partitions this many days before the "
+        "batch's oldest first_seen; the stream's index of stored hashes holds about twice that span, 12 bytes "
+        "a tx (0 = the whole table: exact forever, but the index holds every hash and a MERGE scans them all).",
     )
     stream_metrics_port: int = Field(9202, description="Prometheus port of `btc-anomaly stream` (0 = off).")
 

@@ -80,3 +80,17 @@ def test_forgetting_old_dates_narrows_coverage_and_a_reload_restores_it(keys: np
     assert index.contains(keys[:3], DAY - 35).all()
     index.forget_before(DAY - 50)  # never widens coverage
     assert index.covered_from == DAY - 35
+
+
+def test_runs_stop_merging_at_the_cap_and_keys_stay_found(
+    keys: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btc_anomaly.processing import stored_hashes
+
+    monkeypatch.setattr(stored_hashes, "MAX_MERGED_RUN", 256)
+    index = StoredHashes()
+    for start in range(0, len(keys), 50):
+        chunk = keys[start : start + 50]
+        index.add(chunk, np.full(len(chunk), DAY, np.int32))
+    assert max(len(k) for k, _ in index._runs) <= 256
+    assert index.contains(keys, DAY).all()

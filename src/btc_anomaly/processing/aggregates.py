@@ -16,7 +16,7 @@ its end — bounded state for an unbounded stream.
 
 Output. Update mode: every micro-batch emits the complete current aggregate of each window it touched
 (percentiles are exact — ``percentile`` keeps the window's values in state — so no partial results to
-combine), and foreachBatch MERGEs those rows into the table of their granularity by window_start
+combine), and foreachBatch upserts those rows into the table of their granularity by window_start
 (update if present, else insert) with delta-rs (see ``upsert_stats``). Re-running a batch after a crash
 recomputes the same rows from the checkpointed state and upserts the same values: exactly once without
 bookkeeping.

@@ -19,8 +19,9 @@ Scope, as the MERGE's: only stored rows of a date from the batch's ``since`` on 
 before the newest batch's scope (memory: ~12 bytes per stored tx, ~150 MB for 30 days of mainnet at
 ~400k transactions a day).
 
-Layout: sorted runs of (key, date), merged while a run is no longer than half the previous one, so a
-lookup is a binary search in O(log n) runs and a batch's insert costs an amortized O(log n) per key.
+Layout: sorted runs of (key, date), merged while a run is no longer than half the previous one (up to
+``MAX_MERGED_RUN`` keys), so a lookup is a binary search in a few dozen runs at most and a batch's insert
+costs an amortized O(log n) per key.
 A key appears at most once per run, with the newest date it was stored under: that is the one a
 ``date >= since`` check needs.
 """
@@ -29,6 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+
+# Runs stop merging at this size: sorting a run costs ~0.1 s per million keys, paid by the batch that
+# trips the merge, so a month of mainnet in one run would stall one batch for seconds.
+MAX_MERGED_RUN = 1 << 22
 
 Keys = npt.NDArray[np.int64]
 Days = npt.NDArray[np.int32]  # days since 1970-01-01 (Arrow date32)
@@ -68,7 +73,11 @@ class StoredHashes:
         if not len(keys):
             return
         self._runs.append(_newest_per_key(np.asarray(keys, np.int64), np.asarray(days, np.int32)))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+        while (
+            len(self._runs) > 1
+            and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0])
+            and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= MAX_MERGED_RUN
+        ):
             k2, d2 = self._runs.pop()
             k1, d1 = self._runs.pop()
             self._runs.append(_newest_per_key(np.concatenate((k1, k2)), np.concatenate((d1, d2))))

@@ -3,8 +3,8 @@
 Three streaming queries share one SparkSession:
 
 * ``transactions`` — Spark's Kafka source on ``Settings.topic``; each micro-batch is parsed and validated
-  in Spark SQL (parse.py), valid rows are deduplicated and MERGEd into ``transactions``, the others
-  appended to ``quarantine`` (sinks.py; the exactly-once argument is there);
+  in Spark SQL (parse.py), valid rows are deduplicated into ``transactions`` (new hashes appended, stored
+  ones MERGEd), the others appended to ``quarantine`` (sinks.py; the exactly-once argument is there);
 * ``tx_stats`` — the change data feed of ``transactions`` aggregated into 1 and 5 minute event-time
   windows with a watermark, upserted into ``tx_stats_1m`` / ``tx_stats_5m`` (aggregates.py).
 * ``scoring`` — the same change data feed scored by the champion into ``scored_transactions``, once a
@@ -133,8 +133,8 @@ def start_transactions_query(
 class Compactor:
     """Compacts the date partitions the transactions query wrote, every ``every`` batches that wrote.
 
-    A small batch writes one file, and the MERGE of every later batch opens the files of the partitions
-    it searches, so they must not pile up. Compacting in the query's own batch handler, between two
+    A small batch writes one file, and every reader, index load and MERGE opens the files of the
+    partitions it reads, so they must not pile up. Compacting in the query's own batch handler, between two
     batches, never competes with the query's commits, and the batch that trips it is not slowed by a
     rewrite inside its own commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES)."""
 
