@@ -205,3 +205,33 @@ def test_a_replayed_batch_writes_nothing_twice(spark: Any, tmp_path: Path) -> No
     stored = delta_reader.read_arrow(lake.table("transactions"), columns=["hash"])["hash"].to_pylist()
     assert sorted(stored) == sorted(Transaction.from_json(line).hash for line in lines)
     assert len(delta_reader.read_table(lake.table("quarantine"))) == 1
+
+
+def test_one_batch_of_new_hashes_and_stored_ones(spark: Any, tmp_path: Path) -> None:
+    """In one query run: stored hashes of a batch (here confirmations of stored unconfirmed txs) take
+    the MERGE, which confirms them; its new hashes are appended; each hash stays one row."""
+    from btc_anomaly.processing.parse import parse
+    from btc_anomaly.processing.sinks import Lake, ensure_tables, write_batch
+    from btc_anomaly.processing.stored_hashes import StoredHashes
+
+    lake = Lake(tmp_path / "lake", tmp_path / "checkpoints")
+    ensure_tables(spark, lake)
+    lines = [line for line in sample_lines() if orjson.loads(line)["block_height"] is not None][:50]
+    assert len(lines) == 50
+    stored = StoredHashes()
+    first = write_batch(
+        parse(kafka_frame(spark, [with_changes(line, block_height=None) for line in lines[:30]])),
+        lake,
+        0,
+        "query-a",
+        stored,
+        30,
+    )
+    second = write_batch(parse(kafka_frame(spark, lines)), lake, 1, "query-a", stored, 30)
+
+    assert (first.inserted, second.inserted, second.updated) == (30, 20, 30)
+    assert {"append", "insert_merge", "update_merge"} <= set(second.seconds)
+    rows = delta_reader.read_arrow(lake.table("transactions"), columns=["hash", "block_height"]).to_pylist()
+    want = {tx.hash: tx.block_height for tx in map(Transaction.from_json, lines)}
+    assert len(rows) == len(want)
+    assert {r["hash"]: r["block_height"] for r in rows} == want
