@@ -451,9 +451,9 @@ def write_batch(
     The batch is read from Kafka and parsed once, and kept (a local checkpoint, serialized rows) with
     the raw bytes of invalid records only; on the way, invalid and confirmed rows are counted. Every
     later step reads that copy: the choice of the copy to keep per hash (a shuffle of narrow columns),
-    the index lookup, the append, the MERGE(s), the quarantine append. Keeping the parsed rows costs about half a parse (measured,
-    see bench/RESULTS.md), so it beats parsing twice; it also lets Delta skip its own copy of the
-    MERGE source (see _merge).
+    the index lookup, the append, the MERGE(s), the quarantine append. Keeping the parsed rows costs
+    about half a parse (measured, see bench/RESULTS.md), so it beats parsing twice; it also lets Delta
+    skip its own copy of the MERGE source (see _merge).
 
     The parse belongs to the streaming query's plan, not to this function: built and analyzed once
     at query start instead of once per micro-batch (building its few hundred expressions through

@@ -16,14 +16,13 @@ certain for the dates covered, so the rows missed are appended — no MERGE, no 
 Scope, as the MERGE's: only stored rows of a date from the batch's ``since`` on count (sinks.py,
 ``Settings.stream_dedup_lookback_days``). The index holds every stored row of a date from
 ``covered_from`` on, loads older dates when a batch reaches further back, and forgets dates a lookback
-before the newest batch's scope (memory: ~12 bytes per stored tx, ~150 MB for 30 days of mainnet at
-~400k transactions a day).
+before the batch's scope — two lookback spans, so a batch a little older than the last one does not
+reload (memory: 12 bytes per stored tx, ~290 MB for 2 x 30 days of mainnet at ~400k transactions a day).
 
 Layout: sorted runs of (key, date), merged while a run is no longer than half the previous one (up to
 ``MAX_MERGED_RUN`` keys), so a lookup is a binary search in a few dozen runs at most and a batch's insert
-costs an amortized O(log n) per key.
-A key appears at most once per run, with the newest date it was stored under: that is the one a
-``date >= since`` check needs.
+costs an amortized O(log n) per key. A key appears at most once per run, with the newest date it was
+stored under: that is the one a ``date >= since`` check needs.
 """
 
 from __future__ import annotations

@@ -134,9 +134,10 @@ class Compactor:
     """Compacts the date partitions the transactions query wrote, every ``every`` batches that wrote.
 
     A small batch writes one file, and every reader, index load and MERGE opens the files of the
-    partitions it reads, so they must not pile up. Compacting in the query's own batch handler, between two
-    batches, never competes with the query's commits, and the batch that trips it is not slowed by a
-    rewrite inside its own commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES)."""
+    partitions it reads, so they must not pile up. Compacting in the query's own batch handler,
+    between two batches, never competes with the query's commits, and the batch that trips it is not
+    slowed by a rewrite inside its own commit (Delta's auto compaction, see
+    sinks.TRANSACTIONS_PROPERTIES)."""
 
     path: str
     every: int
