@@ -15,7 +15,7 @@ A single-node broker is started on free ports in a temporary folder and the stre
 * ``backfill: plain append`` — the same records, same parse and validation, written with Spark's own
   Delta streaming sink (no dedup, no MERGE) into a table of the same layout: the baseline.
 * ``backfill: state-store dedup`` — the same with the state-store design of the latency case below.
-* ``backfill: window aggregates`` — the tx_stats query draining ours' table's change feed.
+* ``backfill: window aggregates`` — the tx_stats query draining the change feed of ours' table.
 * ``latency: 1 s trigger`` — both queries running (as in production), a publisher sending unconfirmed
   transactions (as the WebSocket feed does) at ``rate`` tx/s for ``seconds`` (after at least 30 s of
   warm-up traffic that is not measured, until the stats query has written once), and a delta-rs
@@ -25,7 +25,7 @@ A single-node broker is started on free ports in a temporary folder and the stre
   beside it; and with the state-store design measured in sessions 5-6: dedup by hash in Spark's
   state store (``dropDuplicatesWithinWatermark`` on the Kafka timestamp) in front of the same sink.
 
-Both backfill cases run once untimed on a topic of the same size first, so neither pays the JVM's
+Every backfill case runs once untimed on a topic of the same size first, so none pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
 
     python -m bench.bench_stream [--messages N] [--max-offsets N] [--rate R] [--seconds S]
@@ -140,7 +140,7 @@ def _merging_everything(run: Callable[[], Any], sink: str) -> Callable[[], Any]:
 
 def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bool = False) -> Any:
     """The baseline: same source and parse, Spark's Delta sink appending (no dedup, no MERGE). With
-    ``dedup``, the design that could meet the latency goal, for measurement only: dedup by hash in Spark's
+    ``dedup``, the state-store design of sessions 5-6, for measurement only: dedup by hash in Spark's
     state store (RocksDB, as configured) within a watermark on the Kafka timestamp, before the same sink."""
     from pyspark.sql import functions as F
 
@@ -164,7 +164,8 @@ def _append_query(spark: Any, settings: Settings, available_now: bool, dedup: bo
     )
 
 
-# The latency cases: the production runner, and two designs with Spark's Delta sink in its place.
+# The latency cases: the production runner, the old design (the runner with every row through the
+# MERGE), and two designs with Spark's Delta sink in place of the transactions query.
 SINKS = {
     "ours": "index + append, MERGE for stored hashes (ours)",
     "merge-only": "every row through the MERGE (sessions 1-6)",
