@@ -324,7 +324,7 @@ PIPELINE = [
         [Q(f"sum by (query) (rate(btc_stream_input_rows_total[{RI}]))", "{{query}}")],
         unit="ops",
         width=8,
-        description="transactions: Kafka records MERGEd into lake/transactions; tx_stats: change-feed rows "
+        description="transactions: Kafka records read into lake/transactions; tx_stats: change-feed rows "
         "aggregated into tx_stats_1m / tx_stats_5m.",
     ),
     P(

@@ -106,7 +106,7 @@ STREAM_PROCESSED_ROWS_PER_SECOND = Gauge(
 )
 STREAM_BATCH_DURATION = Histogram(
     "btc_stream_batch_duration_seconds",
-    "Wall time of one micro-batch (read, parse, MERGE, commit), by query.",
+    "Wall time of one micro-batch (read, parse, dedup, write, commit), by query.",
     ["query"],
     buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
 )

@@ -3,7 +3,7 @@
 Design. The transactions query cannot also aggregate: its foreachBatch sees one micro-batch as a plain
 DataFrame (no streaming state), and a tx sent twice must be counted once. So the aggregates are a
 second streaming query whose source is the change data feed of the ``transactions`` Delta table,
-keeping only ``insert`` changes: every distinct hash arrives exactly once, after dedup and MERGE, and
+keeping only ``insert`` changes: every distinct hash arrives exactly once, after dedup, and
 the Delta source's offsets (table versions) are checkpointed like Kafka's.
 
 Both window sizes come from one stateful aggregation: each row is emitted once per granularity

@@ -2,7 +2,7 @@
 
 A third streaming query of `btc-anomaly stream`. Its source is the change data feed of
 ``transactions`` (``insert`` changes only), like the window aggregates: every distinct hash arrives
-exactly once, after dedup and MERGE, so a transaction sent twice is scored once, and the Delta
+exactly once, after dedup, so a transaction sent twice is scored once, and the Delta
 source's offsets (table versions) are checkpointed. A confirmation (``block_height`` update) does not
 re-score: the features do not depend on it.
 
