@@ -83,7 +83,7 @@ class Lake:
 
 def inserted_transactions(spark: SparkSession, lake: Lake, columns: list[str]) -> DataFrame:
     """Streaming rows newly inserted into ``transactions`` (its change data feed, inserts only): each
-    distinct hash once, after dedup and MERGE — the source of the window and scoring queries."""
+    distinct hash once, after dedup — the source of the window and scoring queries."""
     return (
         spark.readStream.format("delta")
         .option("readChangeFeed", "true")
@@ -109,7 +109,7 @@ def _nested_nullable(data_type: Any) -> Any:
 
 
 TRANSACTIONS_PROPERTIES = {
-    # Read by the aggregates query: every inserted row exactly once, after dedup and MERGE.
+    # Read by the aggregates query: every inserted row exactly once, after dedup.
     "delta.enableChangeDataFeed": "true",
     # A 1 s trigger adds a small file per batch, but Delta's auto compaction runs inside the commit
     # that trips it: it rewrote a 200,000-row backfill batch right after writing it (+2.3 s, half the
@@ -307,10 +307,10 @@ def write_new_transactions(
     if missing is not None:
         with result.phase("load_index"):
             start, end = missing
-            scope = [] if start == _ALL_DAYS else [from_date(_date(start))]
-            if end is not None:
-                scope.append(f"{tables.DATE_COLUMN} < DATE'{_date(end).isoformat()}'")
-            table = spark.read.format("delta").load(path).where(" AND ".join(scope) or "TRUE")
+            scope = date_scope(
+                None if start == _ALL_DAYS else _date(start), None if end is None else _date(end)
+            )
+            table = spark.read.format("delta").load(path).where(scope)
             stored.loaded(*_keys_and_days(table.select(_key(), tables.DATE_COLUMN)), first)
     with result.phase("lookup"):
         # The generated partition column's own expression, so the date is the one the row is stored under.
@@ -369,19 +369,17 @@ def merge_transactions(
     """
     spark = source.sparkSession
 
-    def scope(prefix: str = "") -> str:
-        return from_date(since, prefix) if since is not None else "TRUE"
-
     result = result if result is not None else BatchResult()
     confirmed = source.where("block_height IS NOT NULL").select("hash", "block_height")
     with result.phase("update_check"):
-        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed, scope())
+        to_update = any_confirmed and _has_unconfirmed_match(spark, path, confirmed, date_scope(since))
     if to_update:
         with result.phase("update_merge"):
             m = _merge(
                 spark,
                 lambda t: t.merge(
-                    confirmed.alias("s"), f"t.hash = s.hash AND t.block_height IS NULL AND {scope('t.')}"
+                    confirmed.alias("s"),
+                    f"t.hash = s.hash AND t.block_height IS NULL AND {date_scope(since, prefix='t.')}",
                 ).whenMatchedUpdate(set={"block_height": "s.block_height"}),
                 path,
                 f"{app_id}:update",
@@ -392,9 +390,9 @@ def merge_transactions(
     with result.phase("insert_merge"):
         m = _merge(
             spark,
-            lambda t: t.merge(source.alias("s"), f"t.hash = s.hash AND {scope('t.')}").whenNotMatchedInsert(
-                values={c: f"s.{c}" for c in columns}
-            ),
+            lambda t: t.merge(
+                source.alias("s"), f"t.hash = s.hash AND {date_scope(since, prefix='t.')}"
+            ).whenNotMatchedInsert(values={c: f"s.{c}" for c in columns}),
             path,
             f"{app_id}:insert",
             batch_id,
@@ -403,9 +401,14 @@ def merge_transactions(
     return result
 
 
-def from_date(since: dt.date, prefix: str = "") -> str:
-    """SQL predicate: date partitions from ``since`` on (``prefix``: the table alias, e.g. ``t.``)."""
-    return f"{prefix}{tables.DATE_COLUMN} >= DATE'{since.isoformat()}'"
+def date_scope(since: dt.date | None, before: dt.date | None = None, prefix: str = "") -> str:
+    """SQL predicate: date partitions from ``since`` on and before ``before`` (None: no bound on that
+    side; ``prefix``: the table alias, e.g. ``t.``)."""
+    column = f"{prefix}{tables.DATE_COLUMN}"
+    bounds = [f"{column} >= DATE'{since.isoformat()}'"] if since is not None else []
+    if before is not None:
+        bounds.append(f"{column} < DATE'{before.isoformat()}'")
+    return " AND ".join(bounds) or "TRUE"
 
 
 def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
@@ -416,7 +419,7 @@ def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
 
     optimize = DeltaTable.forPath(spark, path).optimize()
     if since is not None:
-        optimize = optimize.where(from_date(since))
+        optimize = optimize.where(date_scope(since))
     metrics = optimize.executeCompaction().first()
     return int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
 
