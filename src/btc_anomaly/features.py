@@ -39,12 +39,15 @@ from btc_anomaly.schema import Transaction, arrow_schema
 
 # Bump when a feature's definition changes; the model records the version it was trained with and
 # scoring refuses a model whose features were computed differently.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
 DUST_LIMIT_SAT = 546  # Bitcoin Core's dust threshold for a P2PKH output at the default relay fee
 ROUND_UNITS_SAT = (100_000, 1_000_000, 10_000_000)  # 0.001, 0.01 and 0.1 BTC
 
 Kind = Literal["log1p", "linear", "share", "flag"]
+# Which end of a feature's distribution is anomalous on its own, whatever the other features say: the
+# detector's per-feature tail model (model/tails.py) scores it there, extrapolating past the training range.
+Tail = Literal["upper", "lower", "both"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,10 @@ class FeatureSpec:
     kind: Kind  # "log1p": value = log1p(raw), raw is shown in reasons; "share": 0..1; "flag": 0/1
     unit: str = ""
     needs_prevouts: bool = False
+    tail: Tail | None = None
+    # Tail values at or below this (feature units) are never anomalous on their own: one dust or OP_RETURN
+    # output is ordinary in some eras (ordinals postage, token protocols); a fan-out of them is not.
+    tail_floor: float = float("-inf")
 
 
 # Script types (Bitcoin Core `decodescript` names) grouped into the output mix buckets.
@@ -74,7 +81,7 @@ _NULLDATA = _GROUP_NAMES.index("nulldata")
 
 FEATURE_SPECS: tuple[FeatureSpec, ...] = (
     # --- structural: computable without prevouts ---
-    FeatureSpec("log_vsize", "virtual size", "log1p(vsize in vbytes).", "log1p", "vB"),
+    FeatureSpec("log_vsize", "virtual size", "log1p(vsize in vbytes).", "log1p", "vB", tail="upper"),
     FeatureSpec(
         "witness_share",
         "witness share of the size",
@@ -88,9 +95,11 @@ FEATURE_SPECS: tuple[FeatureSpec, ...] = (
         "locktime_set", "locktime", "1 if nLockTime > 0 (anti fee-sniping wallets, timelocks).", "flag"
     ),
     FeatureSpec("has_op_return", "OP_RETURN output", "1 if an output is OP_RETURN (nulldata).", "flag"),
-    FeatureSpec("log_input_count", "input count", "log1p(number of inputs).", "log1p"),
-    FeatureSpec("log_output_count", "output count", "log1p(number of outputs).", "log1p"),
-    FeatureSpec("log_output_value", "output value", "log1p(total output value in sat).", "log1p", "sat"),
+    FeatureSpec("log_input_count", "input count", "log1p(number of inputs).", "log1p", tail="upper"),
+    FeatureSpec("log_output_count", "output count", "log1p(number of outputs).", "log1p", tail="upper"),
+    FeatureSpec(
+        "log_output_value", "output value", "log1p(total output value in sat).", "log1p", "sat", tail="upper"
+    ),
     FeatureSpec(
         "output_max_share",
         "largest output's share of the value",
@@ -115,6 +124,16 @@ FEATURE_SPECS: tuple[FeatureSpec, ...] = (
         "dust outputs",
         f"log1p(outputs below {DUST_LIMIT_SAT} sat, OP_RETURN excluded).",
         "log1p",
+        tail="upper",
+        tail_floor=float(np.log1p(2)),
+    ),
+    FeatureSpec(
+        "log_nulldata_output_count",
+        "OP_RETURN outputs",
+        "log1p(OP_RETURN (nulldata) outputs): one is common (token protocols, commitments), many are spam.",
+        "log1p",
+        tail="upper",
+        tail_floor=float(np.log1p(1)),
     ),
     FeatureSpec("dust_output_share", "share of dust outputs", "Dust outputs / outputs.", "share"),
     FeatureSpec(
@@ -141,16 +160,32 @@ FEATURE_SPECS: tuple[FeatureSpec, ...] = (
     ),
     # --- need prevouts ---
     FeatureSpec(
-        "log_fee_rate", "fee rate", "log1p(fee / vsize), fee rate in sat/vB.", "log1p", "sat/vB", True
+        "log_fee_rate",
+        "fee rate",
+        "log1p(fee / vsize), fee rate in sat/vB. Both tails: overpayment and zero or below-relay fees; the tail "
+        "model also reads it relative to the fee market (``relative_fee_rate``).",
+        "log1p",
+        "sat/vB",
+        True,
+        tail="both",
     ),
-    FeatureSpec("log_fee", "fee", "log1p(fee in sat).", "log1p", "sat", True),
-    FeatureSpec("log_input_value", "input value", "log1p(total input value in sat).", "log1p", "sat", True),
+    FeatureSpec("log_fee", "fee", "log1p(fee in sat).", "log1p", "sat", True, tail="upper"),
+    FeatureSpec(
+        "log_input_value",
+        "input value",
+        "log1p(total input value in sat).",
+        "log1p",
+        "sat",
+        True,
+        tail="upper",
+    ),
     FeatureSpec(
         "fee_share",
         "fee share of the input value",
         "fee / input_value (0 when nothing is spent).",
         "share",
         needs_prevouts=True,
+        tail="upper",
     ),
     FeatureSpec(
         "address_reuse_share",
@@ -165,6 +200,53 @@ SPECS: dict[str, FeatureSpec] = {s.name: s for s in FEATURE_SPECS}
 FEATURES_STRUCTURAL: list[str] = [s.name for s in FEATURE_SPECS if not s.needs_prevouts]
 FEATURES_PREVOUT: list[str] = [s.name for s in FEATURE_SPECS if s.needs_prevouts]
 FEATURES_FULL: list[str] = FEATURES_STRUCTURAL + FEATURES_PREVOUT
+TAIL_FEATURES: dict[str, Tail] = {s.name: s.tail for s in FEATURE_SPECS if s.tail}
+# What the forest leaves out: script-type mix, segwit/witness, RBF and locktime follow wallet software, so
+# they shift from one era to the next (taproot, segwit adoption) and a forest on them flags a newer era's
+# ordinary traffic. The forest looks at amounts, counts, fees and the shape of the outputs.
+ERA_FEATURES: frozenset[str] = frozenset(
+    {"witness_share", "is_segwit", "rbf", "locktime_set", *(f"out_share_{g}" for g in SCRIPT_GROUPS)}
+)
+
+# The fee market a transaction was sent into: the median fee rate of the transactions around it. Training
+# takes each row's market from its own block (or, unconfirmed, its 10-minute window); scoring takes it from
+# the recent `tx_stats_1m` windows (model/context.py), so the tail model reads fee rates relative to the
+# market of their time and a model trained in a cheap week does not flag an expensive one.
+MARKET_WINDOW = "10min"
+MARKET_MIN_ROWS = 20  # a block or window with fewer fee-paying rows takes the whole frame's median
+
+
+def market_fee_rates(df: pd.DataFrame) -> np.ndarray:
+    """Per row of a canonical frame, the median fee rate (sat/vB) of its block, or of its ``MARKET_WINDOW``
+    of ``first_seen`` when unconfirmed; NaN when no row of the frame has a known fee."""
+    fee = pd.to_numeric(df["fee"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    vsize = pd.to_numeric(df["vsize"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.where(vsize > 0, fee / vsize, np.nan)
+    if "is_coinbase" in df.columns:
+        rate[df["is_coinbase"].fillna(False).to_numpy(dtype=bool)] = np.nan
+    overall = float(np.nanmedian(rate)) if np.isfinite(rate).any() else np.nan
+    height = pd.to_numeric(df.get("block_height", pd.Series(np.nan, index=df.index))).astype("Float64")
+    if "first_seen" in df.columns:
+        window = pd.to_datetime(df["first_seen"], utc=True, format="ISO8601").dt.floor(MARKET_WINDOW)
+        window_key = window.astype("int64").astype("Float64")
+    else:
+        window_key = pd.Series(np.nan, index=df.index, dtype="Float64")
+    # Confirmed rows group by block (key >= 0), unconfirmed ones by window (negative keys keep them apart).
+    key = height.where(height.notna(), -1.0 - window_key).to_numpy(dtype=np.float64, na_value=np.nan)
+    frame = pd.DataFrame({"key": key, "rate": rate})
+    grouped = frame.groupby("key", dropna=False)["rate"]
+    median = grouped.transform("median").to_numpy(dtype=np.float64)
+    count = grouped.transform("count").to_numpy(dtype=np.float64)
+    return np.where((count >= MARKET_MIN_ROWS) & np.isfinite(median), median, overall)
+
+
+def relative_fee_rate(log_fee_rate: np.ndarray, market_fee_rate: np.ndarray | float) -> np.ndarray:
+    """The fee rate against the market: log1p(fee rate) - log1p(market median), 0 = the market's median."""
+    return np.asarray(log_fee_rate, dtype=np.float64) - np.log1p(
+        np.asarray(market_fee_rate, dtype=np.float64)
+    )
+
 
 # Canonical columns compute_features reads; nothing else is needed (hash and timestamps are not features).
 INPUT_COLUMNS: tuple[str, ...] = (
@@ -255,6 +337,7 @@ def _feature_matrix(table: pa.Table) -> np.ndarray:
     dust = (out_value < DUST_LIMIT_SAT) & not_nulldata
     dust_count = np.bincount(out_parent, weights=dust, minlength=n)
     f["log_dust_output_count"] = np.log1p(dust_count)
+    f["log_nulldata_output_count"] = np.log1p(np.bincount(out_parent, weights=~not_nulldata, minlength=n))
     f["dust_output_share"] = dust_count / safe_out
 
     positive = out_int > 0

@@ -190,10 +190,9 @@ def sample_bundle() -> Any:
     import pandas as pd
 
     from btc_anomaly.config import Settings
-    from btc_anomaly.features import compute_features
-    from btc_anomaly.model.train import fit_bundle
+    from btc_anomaly.model.train import fit_transactions
 
-    bundle, _ = fit_bundle(compute_features(pd.DataFrame(sample_records())), Settings())
+    bundle, _ = fit_transactions(pd.DataFrame(sample_records()), Settings())
     bundle.warm_up()
     return bundle
 

@@ -157,9 +157,10 @@ def test_address_endpoint(client: TestClient) -> None:
     assert report.transactions[0].side == "input" and report.transactions[0].value > 0
     assert report.highest_risk is not None and report.highest_risk.severity == "severe"
 
-    # A busy real address: the exchange wallet that funded ten fan-outs in block 692,261.
+    # A busy real address: the exchange wallet that funded ten fan-outs in block 692,261 (a quarter of the
+    # block is held out of the sample as benchmark data, so not all ten are here).
     busy = client.get("/addresses/1NDyJtNTjmwk5xPNhjgAMu4HDHigtobu1s", params={"limit": 3}).json()
-    assert busy["count"] >= 10 and len(busy["transactions"]) == 3 and busy["truncated"]
+    assert busy["count"] >= 5 and len(busy["transactions"]) == 3 and busy["truncated"]
     assert busy["watchlists"] == []
     firsts = [t["first_seen"] for t in busy["transactions"]]
     assert firsts == sorted(firsts, reverse=True)

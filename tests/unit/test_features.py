@@ -109,6 +109,7 @@ def _reference(tx: dict) -> dict[str, float]:
     f["value_change_ratio"] = top[1] / top[0] if top[0] else 0.0
     dust = sum(1 for o in outs if o["value"] < DUST_LIMIT_SAT and o["script_type"] != "nulldata")
     f["log_dust_output_count"] = math.log1p(dust)
+    f["log_nulldata_output_count"] = math.log1p(sum(1 for o in outs if o["script_type"] == "nulldata"))
     f["dust_output_share"] = dust / n_out
     levels = [sum(v > 0 and v % u == 0 for u in (100_000, 1_000_000, 10_000_000)) for v in values]
     f["round_output_share"] = sum(lv > 0 for lv in levels) / n_out

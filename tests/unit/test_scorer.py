@@ -21,7 +21,7 @@ from btc_anomaly.model.bundle import ModelBundle
 from btc_anomaly.model.explain import reason
 from btc_anomaly.model.scorer import CompiledForest, average_path_length, numba_available
 from btc_anomaly.model.scoring import SCORED_COLUMNS, ChampionModel, score_frame, scored_arrow_schema
-from btc_anomaly.model.train import fit_bundle, fit_forest, parse_duration
+from btc_anomaly.model.train import fit_transactions, parse_duration
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 HEX = Path(__file__).resolve().parents[1] / "fixtures" / "example_tx_15e10745.hex"
@@ -50,7 +50,7 @@ def _sklearn(kind: str) -> tuple[IsolationForest, pd.DataFrame]:
 
 @lru_cache(maxsize=1)
 def _bundle() -> ModelBundle:
-    return fit_bundle(_features(), Settings())[0]
+    return fit_transactions(_sample(), Settings())[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -103,15 +103,16 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
     assert loaded.offset == forest.offset
 
 
-def test_fit_forest_offset_equals_sklearn_fit() -> None:
-    """Training sets offset_ from the compiled scores; sklearn's own fit must give the same number."""
-    _, X = _sklearn("full")
-    settings = Settings(iforest_random_state=11, iforest_contamination=0.02)
-    model, compiled, scores = fit_forest(X, settings)
-    reference = IsolationForest(n_estimators=100, max_samples=256, contamination=0.02, random_state=11).fit(X)
-    assert model.offset_ == reference.offset_
-    assert compiled.threshold == -reference.offset_
-    assert np.abs(scores + reference.score_samples(X)).max() <= 1e-9
+def test_detector_forest_is_the_stored_sklearn_forest_on_clipped_features() -> None:
+    """The compiled forest of a detector scores its clipped input as the sklearn forest stored with it, and
+    its offset_ is what sklearn's own fit with that contamination sets."""
+    bundle = _bundle()
+    det, sk = bundle.detectors["full"], bundle.sklearn_models["full"]
+    X = _features()[FEATURES_FULL].dropna().to_numpy()
+    Xf = det.parts(X, bundle.market_reference).forest_input
+    assert np.abs(sk.score_samples(Xf) + det.forest.anomaly_score(Xf)).max() <= 1e-9
+    reference = IsolationForest(n_estimators=100, max_samples=256, contamination=0.01, random_state=42).fit(Xf)
+    assert sk.offset_ == reference.offset_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,7 +137,7 @@ def test_bundle_routes_rows_without_prevouts_to_the_structural_forest() -> None:
     scored = bundle.score_features(compute_features(frame))
     assert list(scored["model_kind"]) == ["full", "full", "full", "structural"]
     assert scored["anomaly_score"].between(0, 1).all()
-    assert scored.loc[3, "threshold"] == bundle.forests["structural"].threshold
+    assert scored.loc[3, "threshold"] == bundle.detectors["structural"].threshold == 0.99
 
 
 def test_bundle_save_load(tmp_path: Path) -> None:
@@ -146,8 +147,9 @@ def test_bundle_save_load(tmp_path: Path) -> None:
     F = _features()
     pd.testing.assert_frame_equal(loaded.score_features(F), bundle.score_features(F))
     sk = ModelBundle.load_sklearn(path, "full")
-    X = F[FEATURES_FULL].dropna()
-    assert np.abs(sk.score_samples(X) + bundle.forests["full"].anomaly_score(X)).max() <= 1e-9
+    X = F[FEATURES_FULL].dropna().to_numpy()
+    Xf = loaded.detectors["full"].parts(X, loaded.market_reference).forest_input
+    assert np.abs(sk.score_samples(Xf) + bundle.forests["full"].anomaly_score(Xf)).max() <= 1e-9
 
 
 def test_score_frame_output_and_reasons() -> None:
@@ -170,11 +172,16 @@ def test_score_frame_output_and_reasons() -> None:
 def test_reason_text() -> None:
     stats = _bundle().stats["full"]
     fee_rate_99_9 = stats.q("log_fee_rate", 0.999)
-    text = reason("log_fee_rate", fee_rate_99_9 + 0.5, stats)
-    assert (
-        text.startswith("fee rate ")
-        and "sat/vB is above the 99.9th percentile of the training window" in text
-    )
+    text = reason("log_fee_rate", (fee_rate_99_9 + stats.q("log_fee_rate", 1.0)) / 2, stats, market=10.0)
+    assert text.startswith("fee rate ")
+    assert "sat/vB is above the 99.9th percentile of the training window" in text
+    assert "189.5x the fee market's median (10 sat/vB)" in text or "x the fee market's median (10 sat/vB)" in text
+    beyond = reason("log_fee_rate", stats.q("log_fee_rate", 1.0) + 1, stats, past_range=True)
+    assert "above every transaction of the training window" in beyond
+    assert "below the minimum relay fee" in reason("log_fee_rate", 0.0, stats, market=10.0)
+    # A share past its training maximum is not claimed to be beyond every transaction: only tail features
+    # (which the detector always flags past their range) are.
+    assert "every" not in reason("output_hhi", stats.q("output_hhi", 1.0) + 0.5, stats)
     assert "only" in reason("has_op_return", 1.0, stats)
 
 

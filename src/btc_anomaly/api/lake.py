@@ -113,7 +113,7 @@ class ScoredTable:
         if table.num_rows == 0:
             return []
         key = "risk_score" if by_risk else "anomaly_score"
-        top = pc.select_k_unstable(table, limit, sort_keys=[(key, "descending")])
+        top = pc.select_k_unstable(table, limit, sort_keys=[(key, "descending"), ("hash", "ascending")])
         table = table.take(top).sort_by([(key, "descending"), ("hash", "ascending")])
         return [_jsonable(r) for r in table.to_pylist()]
 

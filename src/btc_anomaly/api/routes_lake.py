@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
 
+from btc_anomaly.api import inference
 from btc_anomaly.api import risk as api_risk
 from btc_anomaly.api.context import context
 from btc_anomaly.api.errors import ApiError, json_response
@@ -21,6 +22,7 @@ from btc_anomaly.api.schemas import AddressReport, AnomalyPage, ErrorDetail, Sco
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors import rules as detector_rules
 from btc_anomaly.detectors.watchlist import load_watchlist
+from btc_anomaly.model.context import fee_market
 
 HASH_PATTERN = r"^[0-9a-fA-F]{64}$"
 # Base58 (legacy, P2SH) and bech32/bech32m addresses: letters and digits only, bounded length.
@@ -30,6 +32,8 @@ ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
 def router(settings: Settings) -> APIRouter:
     r = APIRouter(tags=["lake"])
     api_risk.configure(settings)  # the detectors /predict runs read the watchlists of these Settings
+    # /predict reads fee rates against the lake's current fee market, refreshed off the request path.
+    inference.set_market(fee_market(settings).start())
     # Parsing the watchlists takes about a second: do it now, off the request path, rather than in the
     # first /predict or /addresses request (load_watchlist caches it for the process).
     threading.Thread(

@@ -370,19 +370,22 @@ class ErrorDetail(BaseModel):
 # --- OpenAPI texts --------------------------------------------------------------------------------------
 
 SCORE_DOC = """
-**Score.** Each transaction is scored by an Isolation Forest. `anomaly_score` is the paper's score
-`s(x) = 2^(-E[h(x)] / c(psi))` in (0, 1]: `E[h(x)]` is the mean path length that isolates the transaction
-across the trees and `c(psi)` the average path length for the forest's sample size. It equals
-`-IsolationForest.score_samples(x)` exactly (the compiled scorer is bit-identical to scikit-learn).
-Around 0.5 is ordinary, close to 1 is isolated almost at once. A transaction is an anomaly when
-`anomaly_score > threshold`; the model's threshold is `-offset_` of the forest, i.e. the same rule as
-scikit-learn's `predict` (`score_samples < offset_` → outlier), with `offset_` set to the training-score
-quantile that flags `contamination` (default 1 %) of the training window. `?threshold=` replaces it for one
-request: the scores are not recomputed, only the labels (and which transactions get reasons).
+**Score.** `anomaly_score = 1 - p`, where `p` is the share of the training window's transactions that are at
+least as unusual (extrapolated past the most unusual one), so 0.999 reads "more unusual than 99.9 % of the
+training window". Two views are combined in decades of evidence (`-log10` of a training probability): the
+**tails** of each heavy-tailed feature (fee rate, read both absolutely and against the current fee market,
+fee, fee share, value, input/output counts, size, dust and OP_RETURN outputs), extrapolated past the training
+range so a larger value always scores higher; and an **Isolation Forest** over amounts, counts, fees and the
+shape of the outputs, for combinations no single feature shows (it needs ten times the rarity to weigh like
+a tail). A transaction is an anomaly when `anomaly_score > threshold`; the model's threshold is
+`1 - contamination` (default 0.99), so about `contamination` of traffic like the training window is
+flagged, and any tail feature past the training range (or a fee rate below the 1 sat/vB minimum relay fee)
+is always flagged. `?threshold=` replaces it for one request: the scores are not recomputed, only the labels
+(and which transactions get reasons). Reasons name the features with the most evidence.
 
-**Two forests.** Transactions whose prevouts are known (fee and input value) are scored by the *full* forest;
+**Two models.** Transactions whose prevouts are known (fee and input value) are scored by the *full* model;
 the others (raw hex without a prevout lookup, coinbases, 8-field bodies without fee and input value) by the
-*structural* forest, trained on the same window without the fee/input features. `model_kind` says which, and
+*structural* model, trained on the same window without the fee/input features. `model_kind` says which, and
 `missing_features` lists the full model's features the request did not determine.
 """
 

@@ -8,7 +8,7 @@ Timestamps. The sample carries real block times from 2011-2025, which no "last h
 show. ``restamp`` spreads the rows over a recent interval in file order, as the stream's replay does
 (it re-stamps ``first_seen`` to the wall clock); the scores do not depend on ``first_seen``.
 
-The model is an IsolationForest bundle fitted in-process with ``btc_anomaly.model.train.fit_bundle``
+The model is an IsolationForest bundle fitted in-process with ``btc_anomaly.model.train.fit_transactions``
 (needs the ``model`` extra) unless a ``ChampionModel`` is passed, e.g. one loaded from MLflow.
 """
 
@@ -57,11 +57,10 @@ def sample_transactions(path: Path = SAMPLE_PATH) -> pa.Table:
 
 def fit_model(transactions: pd.DataFrame, settings: Settings, version: str = "0") -> object:
     """A ``ChampionModel`` fitted in-process on ``transactions`` (no MLflow)."""
-    from btc_anomaly.features import compute_features
     from btc_anomaly.model.scoring import ChampionModel
-    from btc_anomaly.model.train import fit_bundle
+    from btc_anomaly.model.train import fit_transactions
 
-    bundle, _ = fit_bundle(compute_features(transactions), settings)
+    bundle, _ = fit_transactions(transactions, settings)
     bundle.set_backend(settings.scorer_backend)  # type: ignore[arg-type]
     return ChampionModel(bundle=bundle, name=settings.model_name, version=version, run_id=None)
 

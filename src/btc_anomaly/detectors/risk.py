@@ -5,10 +5,11 @@ Each signal i gives a part p_i in [0, 1), and the parts are combined like indepe
 
     risk = 100 * (1 - (1 - p_forest) * (1 - p_mahalanobis) * prod_rules (1 - w_r) * prod_watchlist (1 - w_a))
 
-* forest: with s the anomaly score and t the scoring forest's threshold (both in (0, 1], 0.5 = an
-  ordinary point), ``x = (s - 0.5) / max(t - 0.5, 0.02)`` is 0 for an ordinary transaction and 1 at
-  the threshold; ``p_forest = clip(0.35 * x, 0, 0.70)``. A transaction the forest just flags is worth
-  35 (medium); the forest alone never makes it past 70 (high): "severe" needs a second signal.
+* forest (the model: tails + isolation forest, ``model/detector.py``): with p = 1 - anomaly_score (the
+  share of training transactions at least as unusual) and c = 1 - threshold (the contamination),
+  ``x = log10(p) / log10(c)`` is 0 for p = 1, 1 at the threshold and 2 at p = c²;
+  ``p_forest = 0.70 * (1 - 2^(-x^2))``: ~0 for ordinary transactions, 35 (medium) at the threshold, rising
+  smoothly towards 70 (high) as p falls; the model alone never makes "severe": that needs a second signal.
 * mahalanobis: d is the distance from the training mean (``mahalanobis.py``), q99 and q999 the training
   rows' 99th and 99.9th percentiles of d; ``p_mahalanobis = 0.40 * clip((d - q99) / (q999 - q99), 0, 1)``.
   Absent (0, and named in ``absent_signals``) when the model bundle predates it or the body has no
@@ -39,9 +40,8 @@ from btc_anomaly.detectors.rules import RULES, WEIGHTS
 SEVERITIES = ("low", "medium", "high", "severe")
 SEVERITY_BANDS = (25.0, 50.0, 75.0)  # lower bounds of medium, high, severe
 
-FOREST_PER_UNIT = 0.35
 FOREST_MAX = 0.70
-FOREST_MIN_SPAN = 0.02
+MIN_P = 1e-300  # p = 0 (a score of exactly 1) is the most anomalous, not an error
 MAHALANOBIS_MAX = 0.40
 
 CATEGORY_WEIGHTS: dict[str, float] = {
@@ -76,9 +76,10 @@ def severity_rank(name: str) -> int:
 
 
 def forest_part(score: np.ndarray, threshold: np.ndarray) -> np.ndarray:
-    span = np.maximum(np.asarray(threshold, dtype=np.float64) - 0.5, FOREST_MIN_SPAN)
-    x = (np.asarray(score, dtype=np.float64) - 0.5) / span
-    return np.clip(FOREST_PER_UNIT * x, 0.0, FOREST_MAX)
+    p = np.clip(1.0 - np.asarray(score, dtype=np.float64), MIN_P, 1.0)
+    c = np.clip(1.0 - np.asarray(threshold, dtype=np.float64), MIN_P, 0.5)
+    x = np.log10(p) / np.log10(c)
+    return FOREST_MAX * (1.0 - np.exp2(-(x * x)))
 
 
 def mahalanobis_part(d: np.ndarray, q99: np.ndarray | float, q999: np.ndarray | float) -> np.ndarray:

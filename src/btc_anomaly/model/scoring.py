@@ -43,10 +43,11 @@ import pandas as pd
 import pyarrow as pa
 
 from btc_anomaly.config import Settings, get_settings
-from btc_anomaly.detectors.assess import assess, forest_only
 from btc_anomaly.detectors.watchlist import HIT_TYPE, load_watchlist
-from btc_anomaly.features import INPUT_COLUMNS, compute_features
+from btc_anomaly.features import INPUT_COLUMNS
+from btc_anomaly.model import core
 from btc_anomaly.model.bundle import ModelBundle
+from btc_anomaly.model.context import fee_market
 from btc_anomaly.schema import arrow_schema
 
 log = logging.getLogger(__name__)
@@ -137,12 +138,14 @@ def score_frame(
     top_k: int | None = None,
     settings: Settings | None = None,
     detectors: bool | None = None,
+    market: np.ndarray | float | None = None,
 ) -> pd.DataFrame:
     """Score canonical transactions (pandas, as read from Delta, Kafka JSON or Spark) with ``model``.
 
     Without ``model`` the process-wide cached champion is used (loaded on first use, alias re-checked
     every ``model_reload_s``). The result has ``SCORED_COLUMNS`` and a fresh RangeIndex. ``detectors``
-    (default ``Settings.risk_detectors``) runs the rules, watchlists and Mahalanobis distance.
+    (default ``Settings.risk_detectors``) runs the rules, watchlists and Mahalanobis distance. ``market``
+    is the fee market to read fee rates against (sat/vB; None = the model's training reference).
     """
     settings = settings or get_settings()
     model = model or cached_champion(settings)
@@ -153,44 +156,50 @@ def score_frame(
         return _empty()
     # One pandas → Arrow conversion for the features and the detectors (the nested lists dominate it).
     table = canonical_table(df)
-    features = compute_features(table)
-    features.index = df.index
-    scored = model.bundle.score_features(features)
+    bundle = model.bundle
+    batch = core.score_batch(
+        bundle,
+        table,
+        market=market,
+        watchlist=load_watchlist(settings.watchlist_dir) if detectors else None,
+        detectors=detectors,
+    )
     n = len(df)
     # One shared empty list for the unexplained rows: n fresh lists cost more than the scoring itself.
     nothing: list[str] = []
     reasons: list[list[str]] = [nothing] * n
     top: list[list[str]] = [nothing] * n
     if explain != "none":
-        rows = np.arange(n) if explain == "all" else np.flatnonzero(scored["is_anomaly"].to_numpy())
-        if len(rows):
-            items = model.bundle.explain_features(
-                features.iloc[rows], scored["model_kind"].to_numpy()[rows], top_k=top_k
-            )
-            for r, it in zip(rows, items, strict=True):
-                reasons[r] = [i["reason"] for i in it]
-                top[r] = [i["feature"] for i in it]
+        rows = np.arange(n) if explain == "all" else np.flatnonzero(batch.is_anomaly)
+        for r, it in core.explain_batch(bundle, batch, rows, top_k).items():
+            reasons[r] = [i["reason"] for i in it]
+            top[r] = [i["feature"] for i in it]
     if "first_seen" in df.columns:
         first_seen = pd.to_datetime(df["first_seen"], utc=True, format="ISO8601").reset_index(drop=True)
     else:
         first_seen = pd.Series(pd.NaT, index=pd.RangeIndex(n), dtype="datetime64[us, UTC]")
     display = _display_columns(df)
-    risk = _risk_columns(table, features, scored, model.bundle, settings, detectors)
+    a = batch.assessment
     return pd.DataFrame(
         {
             "hash": df["hash"].to_numpy(dtype=object),
             "first_seen": first_seen,
-            "anomaly_score": scored["anomaly_score"].to_numpy(),
-            "is_anomaly": scored["is_anomaly"].to_numpy(),
-            "threshold": scored["threshold"].to_numpy(),
-            "model_kind": scored["model_kind"].to_numpy(dtype=object),
+            "anomaly_score": batch.score,
+            "is_anomaly": batch.is_anomaly,
+            "threshold": batch.threshold,
+            "model_kind": batch.kinds,
             "reasons": reasons,
             "top_features": top,
             "model_name": model.name,
             "model_version": model.version,
             "scored_at": scored_at,
             **display,
-            **risk,
+            "risk_score": a.risk_score,
+            "severity": a.severity,
+            "signals": a.signals,
+            "rule_hits": a.rule_hits,
+            "watchlist_hits": a.watchlist_hits,
+            "mahalanobis": a.mahalanobis,
         }
     )
 
@@ -215,39 +224,6 @@ def canonical_table(df: pd.DataFrame) -> pa.Table:
             arr = pa.Array.from_pandas(col)
             arrays.append(arr if arr.type == f.type else arr.cast(f.type))
     return pa.Table.from_arrays(arrays, schema=_INPUT_SCHEMA)
-
-
-def _risk_columns(
-    table: pa.Table,
-    features: pd.DataFrame,
-    scored: pd.DataFrame,
-    bundle: ModelBundle,
-    settings: Settings,
-    detectors: bool,
-) -> dict[str, Any]:
-    score = scored["anomaly_score"].to_numpy()
-    threshold = scored["threshold"].to_numpy()
-    a = (
-        assess(
-            table,
-            features.to_numpy(dtype=np.float64),
-            score,
-            threshold,
-            scored["model_kind"].to_numpy(),
-            mahalanobis=bundle.mahalanobis,
-            watchlist=load_watchlist(settings.watchlist_dir),
-        )
-        if detectors
-        else forest_only(score, threshold)
-    )
-    return {
-        "risk_score": a.risk_score,
-        "severity": a.severity,
-        "signals": a.signals,
-        "rule_hits": a.rule_hits,
-        "watchlist_hits": a.watchlist_hits,
-        "mahalanobis": a.mahalanobis,
-    }
 
 
 def _display_columns(df: pd.DataFrame) -> dict[str, Any]:
@@ -348,8 +324,9 @@ def map_in_pandas_scorer(
     def score_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         settings = Settings(**values)
         model = cached_champion(settings, alias)
+        market = fee_market(settings)  # the API reads the same table the same way
         for pdf in batches:
-            yield score_frame(pdf, model, explain=explain, settings=settings)
+            yield score_frame(pdf, model, explain=explain, settings=settings, market=market())
 
     return score_batches
 
@@ -363,8 +340,9 @@ def describe(model: ChampionModel) -> dict[str, Any]:
         "alias": model.alias,
         "run_id": model.run_id,
         "loaded_at": model.loaded_at,
-        "thresholds": {k: f.threshold for k, f in model.bundle.forests.items()},
-        "features": {k: f.feature_names for k, f in model.bundle.forests.items()},
+        "thresholds": model.bundle.thresholds,
+        "features": {k: d.feature_names for k, d in model.bundle.detectors.items()},
+        "market_reference_fee_rate": model.bundle.market_reference,
         "trained_at": info.get("trained_at"),
         "params": info.get("params", {}),
         "metrics": info.get("metrics", {}),

@@ -5,6 +5,12 @@ two PNGs and the model bundle (``bundle.py``) as one pyfunc with a named-column 
 example; registers it as a new version of ``Settings.model_name``; points the ``challenger`` alias at
 it; and (unless told not to) runs the promotion gate, which may move ``champion`` to it.
 
+It also evaluates the new bundle on the labelled benchmark (``evaluate.py``) and logs that to the run: the
+``bench.*`` metrics, ``plots/benchmark_pr.png``, ``benchmark.md``, and the headline numbers as version tags
+(``bench.canonical.roc_auc``, ``bench.canonical.precision_at_50``, ``bench.summary.roc_auc``,
+``bench.canonical.normal_flag_rate``). When the evaluation fails the run goes on (a warning, a
+``bench.error`` tag) and the gate refuses the version with that reason.
+
 The window is ``[since, until)`` on ``first_seen``. With ``Settings.model_train_window`` (e.g. ``24h``)
 and no explicit ``since``, it ends at ``until`` or else at the newest transaction in the table, so a
 replayed or paused stream still trains on its latest data rather than on an empty "last 24h".
@@ -34,15 +40,16 @@ from btc_anomaly.features import (
     FEATURES_STRUCTURAL,
     INPUT_COLUMNS,
     compute_features,
+    market_fee_rates,
 )
 from btc_anomaly.model.bundle import KINDS, ModelBundle
+from btc_anomaly.model.detector import KindDetector
 from btc_anomaly.model.explain import FeatureStats
 from btc_anomaly.model.registry import CHALLENGER, client, use_tracking, whoami
-from btc_anomaly.model.scorer import CompiledForest
 
 log = logging.getLogger(__name__)
 
-READ_COLUMNS = ["hash", "first_seen", *INPUT_COLUMNS]
+READ_COLUMNS = ["hash", "first_seen", "block_height", "is_coinbase", *INPUT_COLUMNS]
 STATS_MAX_ROWS = 200_000  # quantiles for explanations; a sample this size pins the 99.9th percentile
 PLOT_MAX_POINTS = 20_000
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -163,40 +170,32 @@ def read_training_data(
 # --- fitting ----------------------------------------------------------------------------------------
 
 
-def fit_forest(X: pd.DataFrame, settings: Settings) -> tuple[Any, CompiledForest, np.ndarray]:
-    """Fit one IsolationForest; return it, its compiled form and the training rows' anomaly scores.
+def fit_bundle(
+    features: pd.DataFrame,
+    settings: Settings,
+    market: np.ndarray | None = None,
+    market_reference: float | None = None,
+) -> tuple[ModelBundle, dict[str, float]]:
+    """Both detectors from one feature frame: full on rows with prevouts, structural on every row.
 
-    The forest is fit with ``contamination="auto"`` and ``offset_`` is then set exactly as sklearn's
-    fit would (``np.percentile(score_samples, 100 * contamination)``), but from the compiled scorer's
-    bit-identical scores, so the training set is scored once, fast, instead of twice.
+    ``market`` is each row's fee market (``features.market_fee_rates`` of the canonical rows, sat/vB);
+    without it every row is read against the window's overall median fee rate. ``market_reference`` is
+    the market the bundle falls back to when scoring without a fresher one (default: the median of
+    ``market``).
     """
-    from sklearn.ensemble import IsolationForest
-
-    model = IsolationForest(
-        n_estimators=settings.iforest_n_estimators,
-        max_samples=min(settings.iforest_max_samples, len(X)),
-        contamination="auto",
-        random_state=settings.iforest_random_state,
-    )
-    model.fit(X)
-    compiled = CompiledForest.from_sklearn(model, list(X.columns))
-    compiled.backend = settings.scorer_backend  # type: ignore[assignment]
-    score_samples = compiled.score_samples(X)
-    model.contamination = settings.iforest_contamination
-    model.offset_ = float(np.percentile(score_samples, 100.0 * settings.iforest_contamination))
-    compiled.offset = model.offset_
-    return model, compiled, -score_samples
-
-
-def fit_bundle(features: pd.DataFrame, settings: Settings) -> tuple[ModelBundle, dict[str, float]]:
-    """Both forests from one feature frame: full on rows with prevouts, structural on every row."""
     full_mask = features[FEATURES_FULL].notna().all(axis=1).to_numpy()
     if not full_mask.any():
         raise ValueError(
             "no transaction in the window has prevouts (fee/input value): cannot fit the full model"
         )
+    if market is None:
+        rates = np.expm1(features["log_fee_rate"].to_numpy(dtype=np.float64))
+        market = np.full(len(features), float(np.nanmedian(rates)))
+    market = np.asarray(market, dtype=np.float64)
+    reference = float(np.nanmedian(market)) if market_reference is None else float(market_reference)
     data = {"full": features.loc[full_mask, FEATURES_FULL], "structural": features[FEATURES_STRUCTURAL]}
-    forests: dict[str, CompiledForest] = {}
+    markets = {"full": market[full_mask], "structural": None}
+    detectors: dict[str, KindDetector] = {}
     stats: dict[str, FeatureStats] = {}
     sk: dict[str, Any] = {}
     mahalanobis: dict[str, MahalanobisModel] = {}
@@ -204,26 +203,56 @@ def fit_bundle(features: pd.DataFrame, settings: Settings) -> tuple[ModelBundle,
     for kind in KINDS:
         X = data[kind]
         t0 = time.perf_counter()
-        model, compiled, scores = fit_forest(X, settings)
+        det, model, scores = KindDetector.fit(
+            X.to_numpy(dtype=np.float64),
+            list(X.columns),
+            markets[kind],
+            contamination=settings.iforest_contamination,
+            n_estimators=settings.iforest_n_estimators,
+            max_samples=settings.iforest_max_samples,
+            random_state=settings.iforest_random_state,
+            backend=settings.scorer_backend,
+        )
         metrics[f"fit_seconds_{kind}"] = time.perf_counter() - t0
-        forests[kind], sk[kind] = compiled, model
+        detectors[kind], sk[kind] = det, model
         sample = X if len(X) <= STATS_MAX_ROWS else X.sample(STATS_MAX_ROWS, random_state=0)
-        stats[kind] = FeatureStats.from_frame(sample)
-        metrics[f"anomaly_rate_{kind}"] = float((scores > compiled.threshold).mean())
-        metrics[f"threshold_{kind}"] = compiled.threshold
+        stats[kind] = FeatureStats.from_frame(sample, extremes=X)
+        metrics[f"anomaly_rate_{kind}"] = float((scores > det.threshold).mean())
+        metrics[f"threshold_{kind}"] = det.threshold
         for q in (50, 90, 99, 99.9):
             metrics[f"score_p{q:g}_{kind}".replace(".", "_")] = float(np.percentile(scores, q))
         metrics[f"score_max_{kind}"] = float(scores.max())
         t0 = time.perf_counter()
         # Same rows and features as the forest, so the distance means "unlike this forest's training data".
-        mahalanobis[kind] = MahalanobisModel.fit(X.to_numpy(dtype=np.float64), list(X.columns))
+        forest_X = X[det.forest_feature_names]
+        mahalanobis[kind] = MahalanobisModel.fit(forest_X.to_numpy(dtype=np.float64), list(forest_X.columns))
         metrics[f"mahalanobis_seconds_{kind}"] = time.perf_counter() - t0
         metrics[f"mahalanobis_q99_{kind}"] = mahalanobis[kind].q99
         metrics[f"mahalanobis_q999_{kind}"] = mahalanobis[kind].q999
-    bundle = ModelBundle(forests=forests, stats=stats, sklearn_models=sk, mahalanobis=mahalanobis)
-    routed = bundle.score_features(features)
+    bundle = ModelBundle(
+        detectors=detectors,
+        stats=stats,
+        sklearn_models=sk,
+        mahalanobis=mahalanobis,
+        market_reference=reference,
+    )
+    metrics["market_reference_fee_rate"] = reference
+    routed = bundle.score_features(features, market)
     metrics["anomaly_rate"] = float(routed["is_anomaly"].mean())
     return bundle, metrics
+
+
+def fit_transactions(frame: pd.DataFrame, settings: Settings) -> tuple[ModelBundle, dict[str, float]]:
+    """``fit_bundle`` on canonical transactions: their features, each row's fee market (its block or
+    window) and, as the bundle's reference market, the market of the newest transaction."""
+    features = compute_features(frame)
+    market = market_fee_rates(frame)
+    if "first_seen" in frame.columns and len(frame):
+        newest = int(pd.to_datetime(frame["first_seen"], utc=True, format="ISO8601").to_numpy().argmax())
+        reference: float | None = float(market[newest])
+    else:
+        reference = None
+    return fit_bundle(features, settings, market, market_reference=reference)
 
 
 # --- plots ------------------------------------------------------------------------------------------
@@ -344,7 +373,9 @@ def train(
 
     bar.set_postfix_str("fit")
     t0 = time.perf_counter()
-    bundle, metrics = fit_bundle(features, settings)
+    market = market_fee_rates(data.frame)
+    newest = int(pd.to_datetime(data.frame["first_seen"], utc=True, format="ISO8601").to_numpy().argmax())
+    bundle, metrics = fit_bundle(features, settings, market, market_reference=float(market[newest]))
     timings["fit_seconds"] = time.perf_counter() - t0
     bar.update()
 
@@ -374,11 +405,16 @@ def train(
         "metrics": metrics,
     }
 
+    bar.set_postfix_str("benchmark")
+    t0 = time.perf_counter()
+    report, bench_error = _benchmark(bundle, settings)
+    timings["benchmark_seconds"] = time.perf_counter() - t0
+
     bar.set_postfix_str("log")
     t0 = time.perf_counter()
     use_tracking(settings)
     mlflow.set_experiment(settings.mlflow_experiment)
-    scored = bundle.score_features(features)
+    scored = bundle.score_features(features, market)
     with mlflow.start_run(run_name=f"train-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}") as run:
         run_id = run.info.run_id
         bundle.info["run_id"] = run_id
@@ -391,6 +427,12 @@ def train(
         mlflow.log_input(dataset, context="training")
         for name, fig in _plots(features, scored).items():
             mlflow.log_figure(fig, name)
+        if report is not None:
+            mlflow.log_metrics(report.flat_metrics())
+            mlflow.log_figure(report.pr_figure(), "plots/benchmark_pr.png")
+            mlflow.log_text(report.table(), "benchmark.md")
+        else:
+            mlflow.set_tag("bench.error", bench_error[:5000])
         import matplotlib.pyplot as plt
 
         plt.close("all")
@@ -427,6 +469,10 @@ def train(
         "train.anomaly_rate_full": f"{metrics['anomaly_rate_full']:.6f}",
         "train.anomaly_rate_structural": f"{metrics['anomaly_rate_structural']:.6f}",
     }
+    if report is not None:
+        tags.update({k: f"{v:.6f}" for k, v in report.headline().items() if np.isfinite(v)})
+    else:
+        tags["bench.error"] = bench_error[:5000]
     for k, v in tags.items():
         c.set_model_version_tag(settings.model_name, version, k, v)
     c.update_model_version(
@@ -477,6 +523,18 @@ def train(
         decision=decision,
         timings=timings,
     )
+
+
+def _benchmark(bundle: ModelBundle, settings: Settings) -> tuple[Any, str]:
+    """The bundle's ``EvalReport`` on the labelled benchmark, or (None, why) when it cannot be evaluated:
+    training goes on, and the promotion gate refuses the version with the same reason."""
+    from btc_anomaly.model.evaluate import bundle_scorer, evaluate
+
+    try:
+        return evaluate(bundle_scorer(bundle, settings), name="challenger"), ""
+    except Exception as exc:
+        log.warning("benchmark evaluation failed (the promotion gate will refuse this version): %s", exc)
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _input_example(features: pd.DataFrame) -> pd.DataFrame:

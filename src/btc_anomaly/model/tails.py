@@ -1,0 +1,216 @@
+"""Per-feature tail probabilities that extrapolate past the training range (ECOD-style, one-sided).
+
+An isolation forest loses single-feature extremes: with ~20 features only the few splits on the extreme
+one isolate it, and a value past the training maximum lands in the same leaf as the maximum, so "more
+extreme" never scores higher. The tail model scores each heavy-tailed feature on its own:
+
+    score_j(x) = -log10 P_train(X_j >= x_j)        (upper tail; lower tail with <=)
+
+from the training window's empirical distribution, exact in the tails. Past the training range the
+probability keeps falling exponentially on the feature's (log) scale, with the mean excess of the top 1 %
+of the training values as the scale (a Pareto tail on the raw scale), so a 10x larger value always scores
+higher than a 2x larger one. Every score is non-decreasing as a value moves further into its tail.
+
+``EmpiricalTail`` is one distribution (also used for the calibration of the combined score, model/detector.py);
+``TailModel`` is the set of tail features of one forest kind (``features.TAIL_FEATURES``), including the
+fee rate read both absolutely and relative to the fee market of its time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from btc_anomaly.features import SPECS, TAIL_FEATURES, relative_fee_rate
+
+MAX_KNOTS = 4096  # distinct values kept per distribution; the EXACT_TAIL lowest and highest are all kept
+EXACT_TAIL = 512
+TAIL_SHARE = (
+    0.01  # the top (bottom) share of the training values whose mean excess sets the extrapolation scale
+)
+MIN_TAIL_ROWS = 10
+MIN_RELAY_FEE_RATE = 1.0  # sat/vB, Bitcoin Core's default minimum relay fee: below it counts as past range
+FEE_RATE = "log_fee_rate"
+
+
+@dataclass
+class EmpiricalTail:
+    """A training distribution as knots (ascending distinct values) with exact counts at each knot."""
+
+    knots: np.ndarray  # (k,) ascending
+    ge: np.ndarray  # (k,) training values >= knot
+    le: np.ndarray  # (k,) training values <= knot
+    n: int
+    scale_upper: float  # extrapolation scale past the maximum (feature units)
+    scale_lower: float  # ... below the minimum
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> EmpiricalTail:
+        v = np.sort(np.asarray(values, dtype=np.float64))
+        v = v[np.isfinite(v)]
+        if not len(v):
+            raise ValueError("no finite training values")
+        n = len(v)
+        distinct = np.unique(v)
+        if len(distinct) > MAX_KNOTS:
+            middle = distinct[EXACT_TAIL:-EXACT_TAIL]
+            pick = np.linspace(0, len(middle) - 1, MAX_KNOTS - 2 * EXACT_TAIL).round().astype(np.int64)
+            distinct = np.concatenate(
+                [distinct[:EXACT_TAIL], middle[np.unique(pick)], distinct[-EXACT_TAIL:]]
+            )
+        ge = (n - np.searchsorted(v, distinct, side="left")).astype(np.float64)
+        le = np.searchsorted(v, distinct, side="right").astype(np.float64)
+        k = min(max(MIN_TAIL_ROWS, math.ceil(TAIL_SHARE * n)), n - 1) if n > 1 else 0
+        q25, q75 = np.percentile(v, [25, 75])
+        # A floor for ties at the extremes (fee share 1.0, a count of 1): a tenth of the spread, never 0.
+        floor = max(0.1 * (q75 - q25), 0.01 * (v[-1] - v[0]), 1e-3)
+        upper = float(np.mean(v[n - k :] - v[n - k - 1])) if k else 0.0
+        lower = float(np.mean(v[k] - v[:k])) if k else 0.0
+        return cls(distinct, ge, le, n, max(upper, floor), max(lower, floor))
+
+    @property
+    def maximum(self) -> float:
+        return float(self.knots[-1])
+
+    @property
+    def minimum(self) -> float:
+        return float(self.knots[0])
+
+    def upper(self, x: np.ndarray) -> np.ndarray:
+        """-log10 of the share of training values >= x (extrapolated past the maximum)."""
+        x = np.asarray(x, dtype=np.float64)
+        i = np.searchsorted(self.knots, x, side="left")
+        inside = i < len(self.knots)
+        count = self.ge[np.minimum(i, len(self.knots) - 1)]
+        beyond = np.maximum(x - self.knots[-1], 0.0) / self.scale_upper
+        log_p = np.where(
+            inside, np.log10(count / self.n), np.log10(self.ge[-1] / self.n) - beyond / math.log(10)
+        )
+        return np.where(np.isnan(x), 0.0, -log_p)
+
+    def lower(self, x: np.ndarray) -> np.ndarray:
+        """-log10 of the share of training values <= x (extrapolated below the minimum)."""
+        x = np.asarray(x, dtype=np.float64)
+        i = np.searchsorted(self.knots, x, side="right") - 1
+        inside = i >= 0
+        count = self.le[np.maximum(i, 0)]
+        beyond = np.maximum(self.knots[0] - x, 0.0) / self.scale_lower
+        log_p = np.where(
+            inside, np.log10(count / self.n), np.log10(self.le[0] / self.n) - beyond / math.log(10)
+        )
+        return np.where(np.isnan(x), 0.0, -log_p)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {
+            f"{prefix}.knots": self.knots,
+            f"{prefix}.ge": self.ge,
+            f"{prefix}.le": self.le,
+            f"{prefix}.meta": np.array([self.n, self.scale_upper, self.scale_lower], dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str) -> EmpiricalTail:
+        n, su, sl = (float(v) for v in arrays[f"{prefix}.meta"])
+        return cls(
+            np.asarray(arrays[f"{prefix}.knots"], dtype=np.float64),
+            np.asarray(arrays[f"{prefix}.ge"], dtype=np.float64),
+            np.asarray(arrays[f"{prefix}.le"], dtype=np.float64),
+            int(n),
+            su,
+            sl,
+        )
+
+
+@dataclass
+class TailModel:
+    """The tail features of one forest kind, each with its training distribution.
+
+    ``scores`` gives, per row and tail feature, -log10 of the tail probability in the feature's anomalous
+    direction(s). The fee rate is read twice, absolutely and against the fee market of its time
+    (``features.relative_fee_rate``), and scores the mean of the two: a fee rate is anomalous when it is
+    unusual both for Bitcoin and for its day, so neither a dearer market nor a wider spread of fees in one
+    era is flagged alone. A fee rate below the minimum relay fee counts as past the training range.
+    """
+
+    features: list[str]  # tail features of this kind, in the kind's feature order
+    tails: dict[str, EmpiricalTail]
+    market: EmpiricalTail | None = None  # relative fee rate; None for the structural kind
+
+    @classmethod
+    def fit(cls, X: np.ndarray, feature_names: list[str], market_fee_rate: np.ndarray | None) -> TailModel:
+        names = [f for f in feature_names if f in TAIL_FEATURES]
+        col = {f: i for i, f in enumerate(feature_names)}
+        tails = {f: EmpiricalTail.fit(X[:, col[f]]) for f in names}
+        market = None
+        if FEE_RATE in names:
+            if market_fee_rate is None:
+                raise ValueError("the fee-rate tail needs each training row's market fee rate")
+            market = EmpiricalTail.fit(relative_fee_rate(X[:, col[FEE_RATE]], market_fee_rate))
+        return cls(names, tails, market)
+
+    def scores(
+        self, X: np.ndarray, feature_names: list[str], market_fee_rate: np.ndarray | float
+    ) -> np.ndarray:
+        """(rows, len(self.features)) tail scores in decades (-log10 p), 0 where a value is unknown."""
+        col = {f: i for i, f in enumerate(feature_names)}
+        out = np.zeros((len(X), len(self.features)))
+        for j, f in enumerate(self.features):
+            x = X[:, col[f]]
+            tail = self.tails[f]
+            direction = TAIL_FEATURES[f]
+            up = tail.upper(x) if direction in ("upper", "both") else 0.0
+            down = tail.lower(x) if direction in ("lower", "both") else 0.0
+            if f == FEE_RATE and self.market is not None:
+                rel = relative_fee_rate(x, market_fee_rate)
+                up = 0.5 * (up + self.market.upper(rel))
+                down = 0.5 * (down + self.market.lower(rel))
+                # Below the minimum relay fee (zero fees included): past the range, whatever the window held.
+                below_relay = np.expm1(x) < MIN_RELAY_FEE_RATE
+                edge = math.log10(tail.n) + (MIN_RELAY_FEE_RATE - np.expm1(x))
+                down = np.where(below_relay, np.maximum(down, edge), down)
+            score = np.maximum(up, down)
+            floor = SPECS[f].tail_floor
+            if floor > -math.inf:
+                score = np.where(x <= floor, 0.0, score)
+            out[:, j] = np.where(np.isnan(x), 0.0, score)
+        return out
+
+    def past_range(self, X: np.ndarray, feature_names: list[str]) -> np.ndarray:
+        """(rows, len(self.features)): the value lies beyond the training range in an anomalous direction
+        (or, for the fee rate, below the minimum relay fee)."""
+        col = {f: i for i, f in enumerate(feature_names)}
+        out = np.zeros((len(X), len(self.features)), dtype=bool)
+        for j, f in enumerate(self.features):
+            x = X[:, col[f]]
+            tail, direction = self.tails[f], TAIL_FEATURES[f]
+            hit = np.zeros(len(X), dtype=bool)
+            if direction in ("upper", "both"):
+                hit |= x > tail.maximum
+            if direction in ("lower", "both"):
+                hit |= x < tail.minimum
+            if f == FEE_RATE:
+                hit |= np.expm1(x) < MIN_RELAY_FEE_RATE
+            floor = SPECS[f].tail_floor
+            out[:, j] = hit & ~np.isnan(x) & (x > floor)
+        return out
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for f in self.features:
+            arrays.update(self.tails[f].to_arrays(f"{prefix}.{f}"))
+        if self.market is not None:
+            arrays.update(self.market.to_arrays(f"{prefix}.market"))
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str, features: list[str]) -> TailModel:
+        tails = {f: EmpiricalTail.from_arrays(arrays, f"{prefix}.{f}") for f in features}
+        market = (
+            EmpiricalTail.from_arrays(arrays, f"{prefix}.market")
+            if f"{prefix}.market.meta" in arrays
+            else None
+        )
+        return cls(list(features), tails, market)
