@@ -54,8 +54,10 @@ WINDOW_OPTIONS = [
     {"label": "all", "value": "all"},
     {"label": "custom", "value": "custom"},
 ]
-THRESHOLD_MIN, THRESHOLD_MAX, THRESHOLD_STEP = 0.30, 0.90, 0.005
-DEFAULT_THRESHOLD = 0.6  # slider position before any row was scored
+# anomaly_score = 1 - p (p: share of the training window at least as unusual); the model's threshold is
+# 1 - contamination, 0.99 by default, so the slider spans "1 in 10" to "1 in 1,000".
+THRESHOLD_MIN, THRESHOLD_MAX, THRESHOLD_STEP = 0.90, 0.999, 0.001
+DEFAULT_THRESHOLD = 0.99  # slider position before any row was scored
 
 TABLE_COLUMNS = [
     {"name": "time (UTC)", "id": "time"},
@@ -82,6 +84,10 @@ VERSION_COLUMNS = [
     {"name": "anomaly rate", "id": "anomaly_rate"},
     {"name": "threshold (full)", "id": "threshold_full"},
     {"name": "score p99 (full)", "id": "score_p99_full"},
+    {"name": "bench ROC-AUC", "id": "bench_roc_auc"},
+    {"name": "bench P@50", "id": "bench_precision_at_50"},
+    {"name": "bench 8-field ROC-AUC", "id": "bench_summary_roc_auc"},
+    {"name": "bench normal flags", "id": "bench_normal_flag_rate"},
     {"name": "gate", "id": "status"},
 ]
 HISTORY_COLUMNS = [
@@ -120,7 +126,7 @@ def _graph(component_id: str, height: int) -> dcc.Graph:
 
 def overview_page(settings: Settings, model_threshold: float | None) -> html.Div:
     slider_value = model_threshold if model_threshold is not None else DEFAULT_THRESHOLD
-    marks = {round(v, 2): f"{v:.1f}" for v in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
+    marks = {v: f"{v:g}" for v in (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)}
     return html.Div(
         id=ID.page_overview,
         children=[
