@@ -1,6 +1,6 @@
 """The dashboard in real headless Chromium (Selenium + /usr/bin/chromedriver), served on 127.0.0.1.
 
-The lake holds the bundled sample (7,006 real transactions, first_seen spread over the last hour as the
+The lake holds the bundled sample (5,274 real transactions, first_seen spread over the last hour as the
 replay does) scored by the session's champion: a model trained on the sample, registered in a real
 MLflow server and promoted by the gate (``champion_settings`` in conftest). Screenshots go to
 ``artifacts/screenshots/``.
@@ -232,7 +232,7 @@ def test_model_page_lists_versions_and_promotions(driver: Any, url: str, setting
     wait_for(driver, lambda d: "Champion v" in text_of(d, "#model-champion"), "champion not shown")
     wait_for(driver, lambda d: "champion" in text_of(d, "#versions"), "versions table without the champion")
     versions = text_of(driver, "#versions")
-    assert "rows" in versions.lower() and "7,006" in versions
+    assert "rows" in versions.lower() and "5,274" in versions
     wait_for(driver, lambda d: "promoted" in text_of(d, "#history"), "no promotion in the history")
     assert "pytest@session" in text_of(driver, "#history")
     assert driver.find_elements(By.CSS_SELECTOR, "#model-metrics .main-svg .trace")

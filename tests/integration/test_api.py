@@ -56,7 +56,7 @@ def test_ready_and_model(http: httpx.Client, champion_settings: Settings) -> Non
     assert model["version"] == "1" and model["alias"] == "champion"
     assert model["promotion"]["status"] == "promoted"
     assert model["promotion"]["reason"].startswith("all") and "checks passed" in model["promotion"]["reason"]
-    assert model["trained_at"] and model["metrics"]["rows"] == 7006
+    assert model["trained_at"] and model["metrics"]["rows"] == 5274
     assert "PROMOTED" in model["description"]
 
 

@@ -61,7 +61,7 @@ def test_lifecycle(settings: Settings, lake: Path) -> None:
     # 1. First model: registered, challenger, passes the gate, becomes champion.
     first = train(settings, decided_by="ci@test", progress=False)
     assert first.version == "1"
-    assert first.metrics["rows"] == 7006
+    assert first.metrics["rows"] == 5274
     assert first.decision.promoted, first.decision.summary
     assert c.get_model_version_by_alias(settings.model_name, CHAMPION).version == "1"
     assert c.get_model_version_by_alias(settings.model_name, CHALLENGER).version == "1"

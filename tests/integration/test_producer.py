@@ -320,7 +320,7 @@ def test_sigterm_flushes_and_metrics_are_served(kafka_settings: Settings) -> Non
             proc.kill()
     assert proc.returncode == 0, err.decode()[-2000:]
     stats = orjson.loads(out.decode().strip().splitlines()[-1])
-    assert 1000 < stats["sent"] < 7006  # stopped mid-replay
+    assert 1000 < stats["sent"] < 5274  # stopped mid-replay
     assert stats["published"] == stats["sent"]  # everything handed over was flushed before exit
     records = consume(kafka_settings.kafka_bootstrap, kafka_settings.topic, stats["sent"])
     assert len(records) == stats["sent"]
