@@ -478,15 +478,30 @@ def alert_relay(
 @app.command()
 def detect(
     once: Annotated[bool, typer.Option("--once", help="Poll once, print what was found, exit.")] = False,
+    healthcheck: Annotated[
+        bool,
+        typer.Option(
+            "--healthcheck",
+            help="Check the running detect through its metrics port: exit 1 when it does not answer or has "
+            "had no successful poll for BTC_ANOMALY_DETECT_HEALTHCHECK_MAX_AGE_S (compose healthcheck).",
+        ),
+    ] = False,
 ) -> None:
     """Window (EWMA) and coordinated-burst detectors over the lake, plus alerts for risky transactions (no JVM)."""
     import threading
+
+    s = get_settings()
+    if healthcheck:
+        from btc_anomaly.monitoring.detect_health import healthcheck as check
+
+        ok, why = check(s)
+        typer.echo(f"detect {'healthy' if ok else 'UNHEALTHY'}: {why}", err=not ok)
+        raise typer.Exit(0 if ok else 1)
 
     from btc_anomaly.detectors.service import DetectService
     from btc_anomaly.monitoring.notifier import from_settings
 
     _logging()
-    s = get_settings()
     notifier = from_settings(s)
     service = DetectService(s, notifier)
     try:
@@ -500,10 +515,20 @@ def detect(
                         "bursts_updated": r.bursts_updated,
                         "risky_transactions": r.risky_transactions,
                         "alerts": len(r.alerts),
+                        "failed_stages": sorted(r.failures),
                     }
                 )
             )
+            if r.failures:
+                raise typer.Exit(1)
             return
+        if s.detect_metrics_port:
+            from btc_anomaly.monitoring.exposition import serve_metrics
+
+            serve_metrics(s.detect_metrics_port, "btc_detect_", "btc_notifier_")
+            logging.getLogger("btc_anomaly.detectors.service").info(
+                "detect metrics on :%d/metrics", s.detect_metrics_port
+            )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -436,6 +436,12 @@ class Settings(BaseSettings):
     detect_alert_severity: Literal["medium", "high", "severe"] = Field(
         "severe", description="Scored transactions at or above this severity produce an alert."
     )
+    detect_metrics_port: int = Field(9204, description="Prometheus port of `btc-anomaly detect` (0 = off).")
+    detect_healthcheck_max_age_s: float = Field(
+        120.0,
+        description="`btc-anomaly detect --healthcheck` fails when the last poll without a failed stage is "
+        "older than this (the compose healthcheck; reads the detect metrics port).",
+    )
 
     @property
     def lake_dir(self) -> Path:

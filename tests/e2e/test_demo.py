@@ -4,8 +4,11 @@ Prometheus when installed), then Ctrl-C.
 
 The stack gets free ports and its own state folder through the same Settings variables a user would set,
 so it never collides with a developer's running stack or another test. Passes when scored transactions
-reach ``GET /anomalies``, ``POST /predict`` answers with the champion, the dashboard serves, and after
-SIGINT to the whole `make` process group (what Ctrl-C sends) no process of the stack is left.
+reach ``GET /anomalies``, ``POST /predict`` answers with the champion, the dashboard serves, ``btc-anomaly
+detect`` has polled cleanly several times after it MERGEd into ``coordinated_bursts`` (issue #19: it died
+at the read after its second bursts write), after SIGINT to the whole `make` process group (what Ctrl-C
+sends) no process of the stack is left, and no process logged a ``Traceback`` or an ``ERROR`` line, start-up
+and shutdown included (waiting for Kafka or MLflow is INFO).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +35,12 @@ pytestmark = pytest.mark.e2e
 
 STARTUP_BUDGET_S = 210  # first scored rows within this (the issue: "within a few minutes" of `make demo`)
 STOP_BUDGET_S = 60
+DETECT_POLL_S = 5  # the test's detect poll interval (10 s by default)
+DETECT_POLLS_AFTER_MERGE = 3  # clean detect polls required after the first MERGE into coordinated_bursts
+DETECT_BUDGET_S = 120  # for those, after the checks above (bursts exist ~100 s into the demo)
+# A log line that is a failure whichever process wrote it: a traceback, or an ERROR level in Python's
+# logging, uvicorn's ("ERROR:") or log4j's (Spark, Kafka) format.
+BAD_LINE = re.compile(r"Traceback \(most recent call last\)|(?:^|\s)ERROR(?:\s|:)")
 EXAMPLE_TX = {
     "hash": "15e10745f15593a899cef391191bdd3d7c12412cc4696b7bcb669d0feadc8521",
     "size": 884,
@@ -83,7 +93,7 @@ def _describe(pids: list[int]) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.timeout(STARTUP_BUDGET_S + STOP_BUDGET_S + 120)
+@pytest.mark.timeout(STARTUP_BUDGET_S + DETECT_BUDGET_S + STOP_BUDGET_S + 120)
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
@@ -99,6 +109,7 @@ def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None
             "producer",
             "stream",
             "trainer",
+            "detect",
             "alertmanager",
         )
     }
@@ -116,6 +127,8 @@ def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None
         "BTC_ANOMALY_PRODUCER_METRICS_PORT": str(ports["producer"]),
         "BTC_ANOMALY_STREAM_METRICS_PORT": str(ports["stream"]),
         "BTC_ANOMALY_TRAINER_METRICS_PORT": str(ports["trainer"]),
+        "BTC_ANOMALY_DETECT_METRICS_PORT": str(ports["detect"]),
+        "BTC_ANOMALY_DETECT_POLL_S": str(DETECT_POLL_S),
         "BTC_ANOMALY_ALERTMANAGER_PORT": str(ports["alertmanager"]),
         # Shorter waits than a user's defaults: the test has a budget, the stack logic is the same.
         "BTC_ANOMALY_MODEL_RELOAD_S": "5",
@@ -166,6 +179,12 @@ def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None
 
         status, page = _http(f"http://127.0.0.1:{ports['dashboard']}/")
         assert status == 200 and b"react-entry-point" in page  # type: ignore[operator]
+
+        _wait_for_detect_polls(
+            f"http://127.0.0.1:{ports['detect']}/metrics",
+            tmp_path / "state" / "lake" / "coordinated_bursts",
+            log_path,
+        )
     finally:
         stopped = time.monotonic()
         if proc.poll() is None:
@@ -184,6 +203,83 @@ def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None
                 os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left running after Ctrl-C:\n{leftover}"
     print(f"stack stopped {time.monotonic() - stopped:.1f}s after SIGINT")
+    bad = _bad_lines(log_path)
+    assert not bad, f"{len(bad)} Traceback/ERROR lines in the demo's log:\n{_excerpt(log_path, bad)}"
+
+
+def _metrics(url: str) -> dict[str, float]:
+    """Samples of a Prometheus endpoint, keyed ``name`` or ``name{k=v,...}`` (empty when it does not answer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = _http(url)
+    if status != 200 or not isinstance(body, bytes):
+        return {}
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def _wait_for_detect_polls(url: str, bursts: Path, log_path: Path) -> None:
+    """``DETECT_POLLS_AFTER_MERGE`` detect polls after its first MERGE into coordinated_bursts (table
+    version 1: the write that produced the files the next read failed on), none of them failed."""
+    deadline = time.monotonic() + DETECT_BUDGET_S
+    polls_at_merge = None
+    seen: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        seen = _metrics(url)
+        polls = seen.get("btc_detect_poll_duration_seconds_count")
+        if polls is None:
+            time.sleep(2)
+            continue
+        if polls_at_merge is None and _merged(bursts):
+            polls_at_merge = polls
+        if polls_at_merge is not None and polls >= polls_at_merge + DETECT_POLLS_AFTER_MERGE:
+            break
+        time.sleep(2)
+    failures = {k: v for k, v in seen.items() if k.startswith("btc_detect_poll_failures_total") and v}
+    assert polls_at_merge is not None, (
+        f"detect did not MERGE into {bursts} within {DETECT_BUDGET_S}s of the checks above "
+        f"(detect metrics: {seen or 'no answer'})\n{_tail(log_path)}"
+    )
+    assert (
+        seen.get("btc_detect_poll_duration_seconds_count", 0) >= polls_at_merge + DETECT_POLLS_AFTER_MERGE
+    ), f"fewer than {DETECT_POLLS_AFTER_MERGE} detect polls after the first bursts MERGE: {seen}"
+    assert not failures and seen.get("btc_detect_consecutive_failed_polls") == 0, (
+        f"detect polls failed: {failures}\n{_tail(log_path)}"
+    )
+    print(f"detect: {seen['btc_detect_poll_duration_seconds_count']:.0f} polls, none failed")
+
+
+def _merged(table: Path) -> bool:
+    """The table has a version after its creating append: detect's upsert MERGEd into it."""
+    from deltalake import DeltaTable
+
+    return bool(DeltaTable.is_deltatable(str(table))) and DeltaTable(str(table)).version() >= 1
+
+
+def _bad_lines(path: Path) -> list[int]:
+    return [
+        i for i, line in enumerate(path.read_text(errors="replace").splitlines()) if BAD_LINE.search(line)
+    ]
+
+
+def _excerpt(path: Path, bad: list[int], before: int = 3, after: int = 25, most: int = 6) -> str:
+    """The first ``most`` offending lines with their context (a traceback's frames follow its first line)."""
+    lines = path.read_text(errors="replace").splitlines()
+    parts, shown_to = [], -1
+    for i in bad:
+        if i <= shown_to:
+            continue
+        if len(parts) == most:
+            parts.append(f"... and more: {len(bad)} lines in all; the whole log is {path}")
+            break
+        start, end = max(i - before, shown_to + 1), min(len(lines), i + after + 1)
+        parts.append("\n".join(f"{n + 1:6d}: {lines[n]}" for n in range(start, end)))
+        shown_to = end - 1
+    return "\n---\n".join(parts)
 
 
 def _tail(path: Path, lines: int = 60) -> str:

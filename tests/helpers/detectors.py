@@ -78,3 +78,43 @@ def stats_1m(records: list[dict]) -> pd.DataFrame:
     ).reset_index(names="window_start")
     out["window_end"] = out["window_start"] + pd.Timedelta(minutes=1)
     return out
+
+
+# --- a real lake for the detect service (deltalake, as `btc-anomaly detect` and the demo write it) -------
+
+# The real fan-outs (36-59 outputs each) that one exchange wallet sent in block 692,261: a real batch-payout
+# burst (ten in the block; the sample may hold some of them out for the benchmark).
+FUNDER = "1NDyJtNTjmwk5xPNhjgAMu4HDHigtobu1s"
+
+
+def block(height: int) -> list[dict]:
+    return [r for r in sample_records() if r["block_height"] == height and r["fee"] is not None]
+
+
+def burst_members() -> list[dict]:
+    out = [
+        r
+        for r in block(692261)
+        if r["output_count"] >= 10 and any(i["address"] == FUNDER for i in r["inputs"])
+    ]
+    assert len(out) >= 8, f"{len(out)} fan-outs of {FUNDER} in the sample"
+    return out
+
+
+def write_transactions(lake: Path, records: list[dict]) -> None:
+    """Append ``records`` to ``<lake>/transactions`` with the stream's schema (deltalake, not Spark)."""
+    from deltalake import write_deltalake
+
+    from btc_anomaly.processing import tables
+
+    rows = []
+    for r in records:
+        ts = pd.Timestamp(r["first_seen"])
+        rows.append(
+            {**r, "first_seen": ts.to_pydatetime(), "date": ts.date(), "ingested_at": ts.to_pydatetime()}
+        )
+    write_deltalake(
+        str(lake / tables.TRANSACTIONS),
+        pa.Table.from_pylist(rows, schema=tables.transactions_schema()),
+        mode="append",
+    )

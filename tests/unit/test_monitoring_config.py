@@ -7,6 +7,7 @@ them); the tests that need them skip with that message when they are missing.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,7 +26,7 @@ from btc_anomaly.monitoring.catalogue import catalogue, catalogue_markdown, samp
 PROM_DIR = PROJECT_ROOT / "monitoring" / "prometheus"
 AM_DIR = PROJECT_ROOT / "monitoring" / "alertmanager"
 GRAFANA = PROJECT_ROOT / "grafana"
-SERVICES = {"producer", "stream", "trainer", "api", "dashboard", "notifier"}
+SERVICES = {"producer", "stream", "trainer", "detect", "api", "dashboard", "notifier"}
 
 
 def tool(name: str) -> str:
@@ -115,12 +116,14 @@ def test_committed_prometheus_configs_are_the_rendered_defaults() -> None:
         "producer": "127.0.0.1:9201",
         "stream": "127.0.0.1:9202",
         "trainer": "127.0.0.1:9203",
+        "detect": "127.0.0.1:9204",
         "api": "127.0.0.1:5001",
         "dashboard": "127.0.0.1:8050",
     }
     compose = yaml.safe_load((PROM_DIR / "prometheus.compose.yml").read_text())
     hosts = {j["job_name"]: j["static_configs"][0]["targets"][0] for j in compose["scrape_configs"]}
     assert hosts["api"] == "api:5001" and hosts["trainer"] == "trainer:9203"
+    assert hosts["detect"] == "detect:9204"
 
 
 def test_promtool_check_config(tmp_path: Path) -> None:
@@ -138,7 +141,7 @@ def test_promtool_check_config(tmp_path: Path) -> None:
 def test_promtool_check_and_unit_test_rules() -> None:
     promtool = tool("promtool")
     out = run(promtool, "check", "rules", "alerts.yml", cwd=PROM_DIR)
-    assert "SUCCESS: 11 rules found" in out
+    assert "SUCCESS: 12 rules found" in out
     run(promtool, "test", "rules", "alerts.test.yml", cwd=PROM_DIR)
 
 
@@ -291,6 +294,7 @@ def test_each_service_exposes_only_its_families() -> None:
     assert families(render("btc_dashboard_")[0]) == {"dashboard"}
     assert families(render("btc_producer_")[0]) == {"producer"}
     assert families(render("btc_stream_", "btc_notifier_")[0]) == {"stream", "notifier"}
+    assert families(render("btc_detect_", "btc_notifier_")[0]) == {"detect", "notifier"}
     assert families(render_metrics()[0]) == {"api", "notifier"}
     assert b"process_" in render("btc_trainer_")[0] or b"python_" in render("btc_trainer_")[0]
 
@@ -306,3 +310,33 @@ def test_services_serve_metrics_through_exposition() -> None:
         if "start_http_server(" in text or "generate_latest()" in text:
             offenders.append(str(path.relative_to(src)))
     assert not offenders, f"use monitoring.exposition.serve_metrics/render: {offenders}"
+
+
+# --- start-up logs: waiting for Kafka is not an error -------------------------------------------------------
+
+
+def test_kafka_connection_errors_are_silent_only_while_waiting_for_kafka(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real kafka-python client against a closed port logs "Connection failed" at ERROR; inside
+    waiting_for_kafka() (producer start-up, the broker's readiness probe) those records are dropped."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from btc_anomaly.monitoring.kafka_logging import waiting_for_kafka
+    from btc_anomaly.runtime.kafka_broker import free_port
+
+    def attempt() -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kafka"), pytest.raises(KafkaError):
+            KafkaAdminClient(
+                bootstrap_servers=f"127.0.0.1:{free_port()}",
+                request_timeout_ms=1500,
+                bootstrap_timeout_ms=1500,
+            )
+        return [r for r in caplog.records if r.name.startswith("kafka.") and r.levelno >= logging.WARNING]
+
+    with waiting_for_kafka():
+        assert attempt() == []
+    # After the wait kafka-python logs as it always does: a broker lost later is still an ERROR.
+    assert any(r.levelno == logging.ERROR for r in attempt())

@@ -13,6 +13,12 @@ yet are inserted, so a restart or a re-read window writes nothing twice; alerts 
 inserted by this poll, and for scored rows past the cursor, which is kept in
 ``<lake>/_detect/state.json`` after each poll (a crash between the write and the cursor update can
 repeat the alerts of one poll, never lose them).
+
+The three stages fail independently: a stage that raises is counted (``btc_detect_poll_failures_total``),
+logged with its traceback the first time (then one line a minute while it keeps failing with the same
+error) and retried at the next poll, while the other stages go on. ``btc_detect_last_success_timestamp_seconds``
+moves only when every stage succeeded; the BtcDetectStalled alert and ``btc-anomaly detect --healthcheck``
+(the compose healthcheck, monitoring/detect_health.py) read it.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from btc_anomaly.detectors.bursts import detect_bursts
 from btc_anomaly.detectors.risk import SEVERITIES, severity_rank
 from btc_anomaly.detectors.windows import STATS_COLUMNS, detect_windows
 from btc_anomaly.model.train import parse_duration
+from btc_anomaly.monitoring import metrics as m
 from btc_anomaly.processing import tables
-from btc_anomaly.processing.delta_reader import read_table
+from btc_anomaly.processing.delta_reader import Filter, read_table
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,8 @@ SCORED = "scored_transactions"
 # that straddles two polls is seen whole).
 BURST_LOOKBACK_WINDOWS = 10
 FINAL_LAG_WINDOWS = 2  # the newest 1-minute windows not judged yet
+STAGES = m.DETECT_STAGES  # windows, bursts, risky: the order of a poll
+REPEAT_LOG_S = 60.0  # a stage that keeps failing with the same error is logged again at most this often
 SCORED_ALERT_COLUMNS = [
     "hash",
     "scored_at",
@@ -69,6 +78,18 @@ class PollResult:
     bursts_updated: int = 0
     risky_transactions: int = 0
     alerts: list[str] = field(default_factory=list)
+    alert_kinds: list[str] = field(default_factory=list)  # window | burst | transaction, one per alert
+    rows_read: dict[str, int] = field(default_factory=dict)  # by table
+    failures: dict[str, BaseException] = field(default_factory=dict)  # by stage
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def alert(self, kind: str, text: str) -> None:
+        self.alerts.append(text)
+        self.alert_kinds.append(kind)
 
 
 def _ts(value: Any) -> pd.Timestamp:
@@ -92,6 +113,15 @@ def newest(path: Path, column: str) -> pd.Timestamp | None:
     return _ts(max(values)) if values else None
 
 
+def _columns(path: Path) -> set[str]:
+    """Column names of a Delta table from its log (empty when there is no table)."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(str(path)):
+        return set()
+    return set(pa.schema(DeltaTable(str(path)).schema().to_arrow()).names)
+
+
 def upsert(
     path: Path, frame: pd.DataFrame, schema: pa.Schema, keys: list[str], compare: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -103,13 +133,14 @@ def upsert(
 
     if frame.empty:
         return frame, frame
+    frame = _same_units(frame, keys)
     source = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     if not DeltaTable.is_deltatable(str(path)):
         write_deltalake(str(path), source, mode="append")
         return frame, frame.iloc[0:0]
-    existing = read_table(
-        path, columns=keys + compare, filters=[(keys[-1], "in", sorted(set(frame[keys[-1]])))]
-    )
+    # The stored rows of these keys only. The reader compares each filter in the table's own types, so
+    # files the MERGE below wrote (string_view) read like the first append's (string).
+    existing = _same_units(read_table(path, columns=keys + compare, filters=_key_filters(frame, keys)), keys)
     merged = frame.merge(existing, on=keys, how="left", suffixes=("", "__old"), indicator=True)
     new = (merged["_merge"] == "left_only").to_numpy()
     changed = np.zeros(len(merged), dtype=bool)
@@ -140,6 +171,20 @@ def _same_units(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return frame
 
 
+def _key_filters(frame: pd.DataFrame, keys: list[str]) -> list[Filter]:
+    """Reader filters selecting the stored rows that may share a key with ``frame``: the time range of a
+    timestamp key, the set of values of any other key."""
+    out: list[Filter] = []
+    for k in keys:
+        column = frame[k]
+        if isinstance(column.dtype, pd.DatetimeTZDtype):
+            out.append((k, ">=", column.min().to_pydatetime()))
+            out.append((k, "<=", column.max().to_pydatetime()))
+        else:
+            out.append((k, "in", sorted(set(column.tolist()))))
+    return out
+
+
 class DetectService:
     def __init__(self, settings: Settings, notifier: Any = None) -> None:
         self.settings = settings
@@ -151,6 +196,8 @@ class DetectService:
             notifier = get_notifier()
         self.notifier = notifier
         self._warned = False
+        self._failing: dict[str, _Failing] = {}  # stage -> its current run of failures
+        self._failed_polls = 0
 
     # --- state ---------------------------------------------------------------------------------------
     def _load_cursor(self) -> pd.Timestamp | None:
@@ -167,14 +214,59 @@ class DetectService:
 
     # --- one poll ------------------------------------------------------------------------------------
     def poll(self, now: pd.Timestamp | None = None) -> PollResult:
+        """One pass of every stage; a stage that raises is in ``result.failures``, the others still run."""
+        started = time.monotonic()
         now = now if now is not None else pd.Timestamp.now(tz="UTC")
         result = PollResult()
-        self._windows(now, result)
-        self._bursts(now, result)
-        self._risky(result)
+        steps = {"windows": self._windows, "bursts": self._bursts, "risky": self._risky}
+        for stage in STAGES:
+            try:
+                steps[stage](now, result)
+            except Exception as exc:
+                result.failures[stage] = exc
+                self._stage_failed(stage, exc)
+            else:
+                self._stage_ok(stage)
         for text in result.alerts:
             self.notifier.notify_text(text, kind="alert")
+        result.duration_s = time.monotonic() - started
+        self._export(result)
         return result
+
+    def _stage_failed(self, stage: str, exc: BaseException) -> None:
+        what = f"{type(exc).__name__}: {exc}"
+        run = self._failing.get(stage)
+        if run is None or run.what != what:
+            self._failing[stage] = _Failing(what, 1, time.monotonic())
+            log.error("detect: %s stage failed; retrying at the next poll", stage, exc_info=exc)
+            return
+        run.polls += 1
+        if time.monotonic() - run.logged >= REPEAT_LOG_S:
+            run.logged = time.monotonic()
+            log.error("detect: %s stage still failing (%d polls in a row): %s", stage, run.polls, what)
+
+    def _stage_ok(self, stage: str) -> None:
+        run = self._failing.pop(stage, None)
+        if run is not None:
+            log.info("detect: %s stage recovered after %d failed polls", stage, run.polls)
+
+    def _export(self, r: PollResult) -> None:
+        m.DETECT_POLL_DURATION.observe(r.duration_s)
+        for stage in r.failures:
+            m.DETECT_POLL_FAILURES.labels(stage=stage).inc()
+        if r.ok:
+            self._failed_polls = 0
+            m.DETECT_LAST_SUCCESS.set(time.time())
+        else:
+            self._failed_polls += 1
+        m.DETECT_CONSECUTIVE_FAILURES.set(self._failed_polls)
+        for table, n in r.rows_read.items():
+            m.DETECT_ROWS_READ.labels(table=table).inc(n)
+        m.DETECT_ROWS_WRITTEN.labels(table=tables.WINDOW_ANOMALIES, op="insert").inc(r.windows_new)
+        m.DETECT_ROWS_WRITTEN.labels(table=tables.COORDINATED_BURSTS, op="insert").inc(r.bursts_new)
+        m.DETECT_ROWS_WRITTEN.labels(table=tables.COORDINATED_BURSTS, op="update").inc(r.bursts_updated)
+        for kind in r.alert_kinds:
+            m.DETECT_ALERTS.labels(kind=kind).inc()
 
     def _windows(self, now: pd.Timestamp, result: PollResult) -> None:
         s = self.settings
@@ -184,6 +276,7 @@ class DetectService:
             return
         since = end - parse_duration(s.detect_lookback)
         stats = read_table(path, columns=STATS_COLUMNS, since=since, time_column="window_start")
+        result.rows_read[tables.STATS_1M] = len(stats)
         flagged = detect_windows(
             stats,
             span=s.detect_ewma_span,
@@ -205,7 +298,7 @@ class DetectService:
         )
         result.windows_new = len(new)
         for _, rows in new.groupby("window_start", sort=True):
-            result.alerts.append(alerts.flagged_window(rows.to_dict("records")))
+            result.alert("window", alerts.flagged_window(rows.to_dict("records")))
 
     def _bursts(self, now: pd.Timestamp, result: PollResult) -> None:
         s = self.settings
@@ -215,6 +308,7 @@ class DetectService:
             return
         since = end - pd.Timedelta(seconds=s.detect_burst_window_s * BURST_LOOKBACK_WINDOWS)
         txs = read_table(path, columns=BURST_COLUMNS, since=since)
+        result.rows_read[tables.TRANSACTIONS] = len(txs)
         found = detect_bursts(
             txs, window_s=s.detect_burst_window_s, min_size=s.detect_burst_min_size, detected_at=now
         )
@@ -228,9 +322,9 @@ class DetectService:
         )
         result.bursts_new, result.bursts_updated = len(new), len(updated)
         for row in new.to_dict("records"):
-            result.alerts.append(alerts.burst(row, s.dashboard_explorer_url))
+            result.alert("burst", alerts.burst(row, s.dashboard_explorer_url))
 
-    def _risky(self, result: PollResult) -> None:
+    def _risky(self, now: pd.Timestamp, result: PollResult) -> None:
         s = self.settings
         path = self.lake / SCORED
         cursor = self._load_cursor()
@@ -240,24 +334,30 @@ class DetectService:
             if cursor is not None:
                 self._save_cursor(cursor)
             return
-        levels = list(SEVERITIES[severity_rank(s.detect_alert_severity) :])
-        try:
-            rows = read_table(
-                path,
-                columns=SCORED_ALERT_COLUMNS,
-                filters=[("scored_at", ">", cursor.to_pydatetime()), ("severity", "in", levels)],
-            )
-        except Exception as exc:  # a table written before the risk columns existed
+        columns = _columns(path)
+        missing = [c for c in SCORED_ALERT_COLUMNS if c not in columns]
+        if not columns:
+            return
+        if missing:  # a table written before the risk columns existed: nothing to alert on
             if not self._warned:
-                log.warning("cannot read risky transactions from %s (logged once): %s", path, exc)
+                log.warning(
+                    "%s has no %s: no risky-transaction alerts (logged once)", path, ", ".join(missing)
+                )
                 self._warned = True
             return
+        levels = list(SEVERITIES[severity_rank(s.detect_alert_severity) :])
+        rows = read_table(
+            path,
+            columns=SCORED_ALERT_COLUMNS,
+            filters=[("scored_at", ">", cursor.to_pydatetime()), ("severity", "in", levels)],
+        )
+        result.rows_read[SCORED] = len(rows)
         top = newest(path, "scored_at")
         if not rows.empty:
             rows = rows.sort_values("scored_at").drop_duplicates("hash", keep="first")
             result.risky_transactions = len(rows)
             for row in rows.to_dict("records"):
-                result.alerts.append(alerts.risky_transaction(row, s.dashboard_explorer_url))
+                result.alert("transaction", alerts.risky_transaction(row, s.dashboard_explorer_url))
             top = max(_ts(rows["scored_at"].max()), top or cursor)
         if top is not None and top > cursor:
             self._save_cursor(top)
@@ -265,11 +365,19 @@ class DetectService:
     # --- loop ----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        # The staleness clock starts with the loop: the alert and the healthcheck measure from here until
+        # the first clean poll.
+        m.DETECT_LAST_SUCCESS.set(time.time())
         log.info("detect: polling %s every %.0f s", self.lake, self.settings.detect_poll_s)
         while not stop.is_set():
             started = time.monotonic()
             try:
                 r = self.poll()
+            except Exception:  # not a stage (they are caught in poll): the bookkeeping itself
+                self._failed_polls += 1
+                m.DETECT_CONSECUTIVE_FAILURES.set(self._failed_polls)
+                log.exception("detect: poll failed; retrying at the next one")
+            else:
                 if r.windows_new or r.bursts_new or r.bursts_updated or r.risky_transactions:
                     log.info(
                         "detect: %d new window anomalies, %d new / %d grown bursts, %d risky transactions",
@@ -278,6 +386,11 @@ class DetectService:
                         r.bursts_updated,
                         r.risky_transactions,
                     )
-            except Exception:
-                log.exception("detect: poll failed; retrying at the next one")
             stop.wait(max(0.0, self.settings.detect_poll_s - (time.monotonic() - started)))
+
+
+@dataclass
+class _Failing:
+    what: str  # "ExceptionType: message" of the first failure of the run
+    polls: int
+    logged: float  # time.monotonic() of the last log line

@@ -45,6 +45,7 @@ from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.dedup import Dedup
 from btc_anomaly.ingestion.records import Encoded, Failure, Item
 from btc_anomaly.monitoring import metrics
+from btc_anomaly.monitoring.kafka_logging import waiting_for_kafka
 from btc_anomaly.schema import Transaction
 
 log = logging.getLogger(__name__)
@@ -151,22 +152,34 @@ class TxProducer:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def connect(self, stop: threading.Event | None = None) -> None:
-        """Create the topics when missing and open the producer, waiting for the broker if it is down."""
+        """Create the topics when missing and open the producer, waiting for the broker if it is down.
+
+        Waiting is normal at start-up (the demo starts the broker and the producer together): it is logged
+        at INFO, and kafka-python's own "Connection failed" errors are silenced until the broker answered
+        once (monitoring/kafka_logging.py). Later failures are logged as the errors they are.
+        """
         stop = stop or threading.Event()
         delay = 0.5
-        while True:
-            try:
-                self._ensure_topics()
-                break
-            except KafkaError as exc:
-                if stop.is_set():
-                    raise
-                log.warning(
-                    "kafka not ready at %s (%s); retrying in %.1fs", self.settings.kafka_bootstrap, exc, delay
-                )
-                if stop.wait(delay):
-                    raise
-                delay = min(delay * 2, 10.0)
+        started = time.monotonic()
+        log.info("connecting to kafka at %s (waits until the broker answers)", self.settings.kafka_bootstrap)
+        with waiting_for_kafka():
+            while True:
+                try:
+                    self._ensure_topics()
+                    break
+                except KafkaError as exc:
+                    if stop.is_set():
+                        raise
+                    log.info(
+                        "waiting for kafka at %s (%s); retrying in %.1fs",
+                        self.settings.kafka_bootstrap,
+                        type(exc).__name__ if not str(exc) else exc,
+                        delay,
+                    )
+                    if stop.wait(delay):
+                        raise
+                    delay = min(delay * 2, 10.0)
+        log.info("kafka is up at %s (%.1f s)", self.settings.kafka_bootstrap, time.monotonic() - started)
         self._producer = self._new_client()
         partitions = self._producer.partitions_for(self.topic)
         self.num_partitions = len(partitions) if partitions else None

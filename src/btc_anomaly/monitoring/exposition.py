@@ -5,7 +5,8 @@
 report ``btc_producer_last_publish_timestamp_seconds 0``). This serves only the families whose names
 start with the given prefixes, plus the process/runtime collectors. Every service exposes its metrics
 through here: ``serve_metrics`` for the ones with their own metrics port (producer ``btc_producer_``,
-stream ``btc_stream_`` + ``btc_notifier_``, trainer ``btc_trainer_``), ``render`` for the ones that answer
+stream ``btc_stream_`` + ``btc_notifier_``, trainer ``btc_trainer_``, detect ``btc_detect_`` +
+``btc_notifier_``), ``render`` for the ones that answer
 /metrics on their own HTTP server (dashboard ``btc_dashboard_``; the API has its multiprocess-aware
 variant in ``api/telemetry.py``, ``btc_api_`` + ``btc_notifier_``).
 """

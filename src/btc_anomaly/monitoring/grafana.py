@@ -7,7 +7,9 @@ query uses metrics of ``monitoring/metrics.py`` (checked by a test, and run agai
 the observability integration test).
 
 Queries that count rare events (DLQ, 5xx, ...) end in ``or vector(0)`` so a quiet system draws 0 rather
-than "No data", which would look like a broken exporter.
+than "No data", which would look like a broken exporter. The detect panels do too: whether detect is
+scraped at all is the "Metrics endpoints" panel's job, and "Since the last successful detect poll" then
+counts from 1970 (red) rather than showing nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
 DASHBOARDS_DIR = PROJECT_ROOT / "grafana" / "dashboards"
 SCHEMA_VERSION = 39  # Grafana 10.4 / 11.x; newer versions migrate it on load
 RI = "$__rate_interval"
-JOBS = "producer|stream|trainer|api|dashboard"
+JOBS = "producer|stream|trainer|detect|api|dashboard"
 
 
 @dataclass
@@ -202,6 +204,11 @@ def _zero(expr: str) -> str:
     return f"{expr} or vector(0)"
 
 
+def _zero_age(gauge: str) -> str:
+    """Seconds since a "last time" gauge; from 1970 when no series exists (nothing scraped)."""
+    return f"time() - (max({gauge}) or vector(0))"
+
+
 # --- Pipeline: ingest → Kafka → stream → Delta ----------------------------------------------------------
 
 PIPELINE = [
@@ -347,6 +354,74 @@ PIPELINE = [
             Q(f"sum by (query) (rate(btc_stream_late_rows_dropped_total[{RI}]))", "late rows/s {{query}}"),
         ],
         width=8,
+    ),
+]
+
+# --- Detectors: `btc-anomaly detect` over the lake ----------------------------------------------------
+
+DETECT = [
+    Row("Detectors (btc-anomaly detect): window anomalies, coordinated bursts, risk alerts"),
+    P(
+        "Since the last successful detect poll",
+        [Q(_zero_age("btc_detect_last_success_timestamp_seconds"), "seconds")],
+        kind="stat",
+        unit="s",
+        width=6,
+        description="A poll succeeds when its three stages (windows, bursts, risky) all do; the clock starts "
+        "with the poll loop. Alert BtcDetectStalled above 5 minutes; `btc-anomaly detect --healthcheck` "
+        "(compose) fails above BTC_ANOMALY_DETECT_HEALTHCHECK_MAX_AGE_S.",
+        defaults={"thresholds": _thresholds((None, "green"), (60, "orange"), (300, "red"))},
+    ),
+    P(
+        "Detect poll duration",
+        [
+            Q(
+                _zero(
+                    f"histogram_quantile({q}, sum by (le) (rate(btc_detect_poll_duration_seconds_bucket[{RI}])))"
+                ),
+                f"p{round(q * 100)}",
+            )
+            for q in (0.5, 0.95)
+        ],
+        unit="s",
+        width=9,
+        description="Read the lake, run the detectors, upsert, queue the alerts; one poll every "
+        "BTC_ANOMALY_DETECT_POLL_S (10 s).",
+    ),
+    P(
+        "Detect poll failures by stage (/s)",
+        [Q(_zero(f"sum by (stage) (rate(btc_detect_poll_failures_total[{RI}]))"), "{{stage}}")],
+        unit="ops",
+        width=9,
+        description="A failing stage is retried at the next poll while the other stages go on; its traceback "
+        "is in the detect log.",
+    ),
+    P(
+        "Lake rows read by detect (rows/s)",
+        [Q(_zero(f"sum by (table) (rate(btc_detect_rows_read_total[{RI}]))"), "{{table}}")],
+        unit="ops",
+        width=8,
+    ),
+    P(
+        "Findings written (1h)",
+        [
+            Q(
+                _zero("sum by (table, op) (increase(btc_detect_rows_written_total[1h]))"),
+                "{{table}} {{op}}",
+                instant=True,
+            )
+        ],
+        kind="bargauge",
+        width=8,
+        description="Rows upserted into window_anomalies and coordinated_bursts (update: a burst that grew).",
+    ),
+    P(
+        "Detect alerts sent to the webhook (1h)",
+        [Q(_zero("sum by (kind) (increase(btc_detect_alerts_total[1h]))"), "{{kind}}", instant=True)],
+        kind="bargauge",
+        width=8,
+        description="One per flagged window, new burst and risky transaction, before the notifier's rate "
+        "limit (btc_notifier_*).",
     ),
 ]
 
@@ -700,8 +775,8 @@ def build() -> dict[str, dict[str, Any]]:
         "pipeline.json": dashboard(
             "btc-pipeline",
             "btc-anomaly · Pipeline",
-            "Ingest → Kafka → Spark stream → Delta: throughput, lag, errors, freshness.",
-            PIPELINE,
+            "Ingest → Kafka → Spark stream → Delta → detectors: throughput, lag, errors, freshness.",
+            PIPELINE + DETECT,
         ),
         "model.json": dashboard(
             "btc-model",

@@ -363,6 +363,63 @@ for _reason in NOTIFIER_DROP_REASONS:
 for _reason in NOTIFIER_FAILURE_REASONS:
     NOTIFIER_FAILURES.labels(reason=_reason)
 
+# --- detect (`btc-anomaly detect`, detectors/service.py; served on Settings.detect_metrics_port) ---------
+
+DETECT_STAGES = ("windows", "bursts", "risky")  # the stages of one poll, in order
+DETECT_ALERT_KINDS = ("window", "burst", "transaction")
+
+DETECT_POLL_DURATION = Histogram(
+    "btc_detect_poll_duration_seconds",
+    "Wall time of one detect poll (read the lake, run the detectors, upsert, queue the alerts), failed "
+    "stages included.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
+)
+DETECT_POLL_FAILURES = Counter(
+    "btc_detect_poll_failures",
+    "Detect poll stages that raised, by stage (windows | bursts | risky); the other stages of the "
+    "poll still ran.",
+    ["stage"],
+)
+DETECT_LAST_SUCCESS = Gauge(
+    "btc_detect_last_success_timestamp_seconds",
+    "Unix time the last detect poll with no failed stage finished (the start of the poll loop until the "
+    "first one).",
+)
+DETECT_CONSECUTIVE_FAILURES = Gauge(
+    "btc_detect_consecutive_failed_polls",
+    "Detect polls in a row with at least one failed stage (0 after a clean poll).",
+)
+DETECT_ROWS_READ = Counter(
+    "btc_detect_rows_read",
+    "Delta rows the detectors read, by table (tx_stats_1m, transactions, scored_transactions).",
+    ["table"],
+)
+DETECT_ROWS_WRITTEN = Counter(
+    "btc_detect_rows_written",
+    "Rows the detectors upserted, by table (window_anomalies | coordinated_bursts) and op (insert | "
+    "update: a burst that grew).",
+    ["table", "op"],
+)
+DETECT_ALERTS = Counter(
+    "btc_detect_alerts",
+    "Alerts the detectors handed to the webhook notifier, by kind (window: a flagged 1-minute window, "
+    "burst: a new coordinated burst, transaction: a risky scored transaction).",
+    ["kind"],
+)
+
+for _stage in DETECT_STAGES:
+    DETECT_POLL_FAILURES.labels(stage=_stage)
+for _table in ("tx_stats_1m", "transactions", "scored_transactions"):
+    DETECT_ROWS_READ.labels(table=_table)
+for _table, _op in (
+    ("window_anomalies", "insert"),
+    ("coordinated_bursts", "insert"),
+    ("coordinated_bursts", "update"),
+):
+    DETECT_ROWS_WRITTEN.labels(table=_table, op=_op)
+for _kind in DETECT_ALERT_KINDS:
+    DETECT_ALERTS.labels(kind=_kind)
+
 # --- label sets known in advance ----------------------------------------------------------------------
 # Every labelled counter an alert rule or Grafana panel reads is created at 0 for each label value known
 # in advance (above for errors, callbacks, trainer and notifier; here the rest), so that rate() and

@@ -24,7 +24,7 @@ COMPOSE_FILE = PROMETHEUS_DIR / "prometheus.compose.yml"
 
 # Scrape jobs, in the order of the pipeline. The job name is the `job` label every dashboard and rule
 # selects on, and the compose service name.
-JOBS = ("producer", "stream", "trainer", "api", "dashboard")
+JOBS = ("producer", "stream", "trainer", "detect", "api", "dashboard")
 ALERTMANAGER_COMPOSE = "alertmanager:9093"
 PROMETHEUS_COMPOSE_PORT = 9090
 
@@ -48,6 +48,7 @@ def jobs(settings: Settings, *, compose: bool = False) -> list[Job]:
             settings.trainer_metrics_port,
             "`btc-anomaly train --every`, BTC_ANOMALY_TRAINER_METRICS_PORT",
         ),
+        "detect": (settings.detect_metrics_port, "`btc-anomaly detect`, BTC_ANOMALY_DETECT_METRICS_PORT"),
         "api": (settings.api_port, "`btc-anomaly api` /metrics, BTC_ANOMALY_API_PORT"),
         "dashboard": (
             settings.dashboard_port,

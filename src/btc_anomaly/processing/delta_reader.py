@@ -10,6 +10,20 @@
 
 A missing or empty table is an empty frame with the table's columns (from tables.py for the lake's own
 tables, else ``schema``), so a consumer started before the stream needs no special case.
+
+Every writer's files read alike. Spark writes strings as plain Parquet strings, ``write_deltalake`` keeps
+the Arrow type it is given (``string``, ``large_string`` from polars or older delta-rs, ``string_view``),
+and deltalake's own MERGE and DELETE (DataFusion; deltalake 1.x) write files whose embedded Arrow
+schema says ``string_view``, so one table mixes them. Two things here make that invisible to callers
+(issue #19: ``btc-anomaly detect`` died on its third upsert of ``coordinated_bursts``):
+
+* results always have the plain types of :func:`plain_schema` (``string``, ``binary``, ``list``), whatever
+  file they come from;
+* filters compare string and binary columns after the scan converted them to those types
+  (:func:`_column`): pyarrow tests a predicate against each file's row-group statistics in that *file's*
+  type, and has no kernel comparing ``string`` with ``string_view`` ("Function 'greater_equal' has no kernel
+  matching input types (string, string_view)"). Whole files are still skipped by the Delta log's
+  statistics (``file_pruning_predicate``), so only row-group skipping on string columns is given up.
 """
 
 from __future__ import annotations
@@ -39,8 +53,49 @@ def _utc(ts: dt.datetime | str | pd.Timestamp) -> dt.datetime:
     return t.to_pydatetime()
 
 
-def _expression(column: str, op: str, value: Any, field_type: pa.DataType | None) -> ds.Expression:
+def plain_type(t: pa.DataType) -> pa.DataType:
+    """The one Arrow type readers return for ``t``: view and large variants of strings, binaries and lists
+    become ``string``, ``binary`` and ``list``, also inside lists, structs and maps."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if (
+        pa.types.is_list(t)
+        or pa.types.is_large_list(t)
+        or pa.types.is_list_view(t)
+        or pa.types.is_large_list_view(t)
+    ):
+        return pa.list_(_plain_field(t.value_field))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_plain_field(t.value_field), t.list_size)
+    if pa.types.is_map(t):
+        return pa.map_(_plain_field(t.key_field), _plain_field(t.item_field), t.keys_sorted)
+    if pa.types.is_struct(t):
+        return pa.struct([_plain_field(t.field(i)) for i in range(t.num_fields)])
+    return t
+
+
+def _plain_field(f: pa.Field) -> pa.Field:
+    return f.with_type(plain_type(f.type))
+
+
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with :func:`plain_type` applied to every field (names, nullability, metadata kept)."""
+    return pa.schema([_plain_field(f) for f in schema], metadata=schema.metadata)
+
+
+def _column(column: str, field_type: pa.DataType | None) -> ds.Expression:
+    """The column as filters compare it: strings and binaries after the scan converted them to the plain
+    type, so files that store them as views or large types compare alike (module doc)."""
     field = ds.field(column)
+    if field_type is not None and (pa.types.is_string(field_type) or pa.types.is_binary(field_type)):
+        return field.cast(field_type)
+    return field
+
+
+def _expression(column: str, op: str, value: Any, field_type: pa.DataType | None) -> ds.Expression:
+    field = _column(column, field_type)
     if op in ("in", "not in"):
         values = pa.array(list(value), type=field_type) if field_type is not None else pa.array(list(value))
         expr = field.isin(values)
@@ -96,7 +151,7 @@ def empty_table(
         return pa.table({c: pa.array([], pa.null()) for c in columns or []})
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
-    return schema.empty_table()
+    return plain_schema(schema).empty_table()
 
 
 def read_arrow(
@@ -126,20 +181,22 @@ def read_arrow(
         table = DeltaTable(str(path))
     except TableNotFoundError:
         return empty_table(path, columns, schema)
-    types = {f.name: f.type for f in pa.schema(table.schema().to_arrow())}
+    plain = plain_schema(pa.schema(table.schema().to_arrow()))
+    types = {f.name: f.type for f in plain}
     # delta-rs gives every file a partition expression built from its Delta statistics; Spark records no
     # min/max for booleans, so a Spark-written file gets `col >= null and col <= null`, and pyarrow then
     # drops every file for any filter on a boolean column (is_anomaly). Those are applied after the scan.
     late = [f for f in filters if types.get(f[0]) is not None and pa.types.is_boolean(types[f[0]])]
     filters = [f for f in filters if f not in late]
     pruning = _pruning(table.metadata().partition_columns, filters, time_column, start, end)
-    dataset = table.to_pyarrow_dataset(file_pruning_predicate=pruning or None)
+    # The dataset's schema is the plain one: pyarrow converts each file's columns to it while scanning.
+    dataset = table.to_pyarrow_dataset(file_pruning_predicate=pruning or None, schema=plain)
     types = {f.name: f.type for f in dataset.schema}
     conditions = [_expression(c, op, v, types.get(c)) for c, op, v in filters]
     if start is not None:
-        conditions.append(ds.field(time_column) >= pa.scalar(start, type=types.get(time_column)))
+        conditions.append(_expression(time_column, ">=", start, types.get(time_column)))
     if end is not None:
-        conditions.append(ds.field(time_column) < pa.scalar(end, type=types.get(time_column)))
+        conditions.append(_expression(time_column, "<", end, types.get(time_column)))
     predicate = None
     for c in conditions:
         predicate = c if predicate is None else predicate & c
@@ -185,4 +242,12 @@ def count_rows(path: str | os.PathLike[str], filters: Sequence[Filter] | None = 
     return table.num_rows
 
 
-__all__ = ["count_rows", "empty_table", "read_arrow", "read_table", "table_version"]
+__all__ = [
+    "count_rows",
+    "empty_table",
+    "plain_schema",
+    "plain_type",
+    "read_arrow",
+    "read_table",
+    "table_version",
+]

@@ -171,11 +171,15 @@ class KafkaBroker(ManagedProcess):
         """Ready means the broker answers a metadata request, not merely that the port is open."""
         from kafka import KafkaAdminClient  # imported late: only the producer extra ships kafka-python
 
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
-        try:
-            admin.describe_cluster()
-        finally:
-            admin.close()
+        from btc_anomaly.monitoring.kafka_logging import waiting_for_kafka
+
+        # Refused connections are what "not ready yet" looks like: not kafka-python ERROR lines.
+        with waiting_for_kafka():
+            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+            try:
+                admin.describe_cluster()
+            finally:
+                admin.close()
 
     def exit_message(self, returncode: int) -> str:
         return f"kafka broker exited with {returncode}; see {self.log_dir}"
