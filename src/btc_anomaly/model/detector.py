@@ -25,7 +25,7 @@ score.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,7 @@ class KindDetector:
     forest_tail: EmpiricalTail  # training forest anomaly scores
     calibration: EmpiricalTail  # training combined decades
     contamination: float
+    _forest_cols: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def threshold(self) -> float:
@@ -133,17 +134,18 @@ class KindDetector:
     # --- scoring ----------------------------------------------------------------------------------
     def _combined(
         self, X: np.ndarray, market_fee_rate: np.ndarray | float
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        col = {f: i for i, f in enumerate(self.feature_names)}
-        Xf = np.clip(X[:, [col[f] for f in self.forest_feature_names]], self.clip_low, self.clip_high)
-        tails = self.tails.scores(X, self.feature_names, market_fee_rate)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._forest_cols is None:
+            col = {f: i for i, f in enumerate(self.feature_names)}
+            self._forest_cols = np.array([col[f] for f in self.forest_feature_names], dtype=np.int64)
+        Xf = np.clip(X[:, self._forest_cols], self.clip_low, self.clip_high)
+        tails, past = self.tails.evaluate(X, self.feature_names, market_fee_rate)
         forest = self.forest_tail.upper(self.forest.anomaly_score(Xf.astype(np.float32)))
         top = tails.max(axis=1) if tails.shape[1] else np.zeros(len(X))
-        return np.maximum(top, forest - FOREST_MARGIN), tails, forest, Xf
+        return np.maximum(top, forest - FOREST_MARGIN), tails, forest, Xf, past
 
     def parts(self, X: np.ndarray, market_fee_rate: np.ndarray | float) -> Parts:
-        combined, tails, forest, Xf = self._combined(np.asarray(X, dtype=np.float64), market_fee_rate)
-        past = self.tails.past_range(X, self.feature_names)
+        combined, tails, forest, Xf, past = self._combined(np.asarray(X, dtype=np.float64), market_fee_rate)
         log_p = -self.calibration.upper(combined)
         p = 10.0**log_p
         p = np.where(past.any(axis=1), np.minimum(p, 0.5 * self.contamination), p)

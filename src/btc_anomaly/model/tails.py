@@ -204,12 +204,18 @@ class TailModel:
         self._up = np.array([d in ("upper", "both") for d in direction], dtype=bool)
         self._down = np.array([d in ("lower", "both") for d in direction], dtype=bool)
         self._up_idx, self._down_idx = np.flatnonzero(self._up), np.flatnonzero(self._down)
-        self._packed_up = PackedTails([self.tails[self.features[i]] for i in self._up_idx])
-        self._packed_down = PackedTails([self.tails[self.features[i]] for i in self._down_idx])
+        # The market-relative fee rate rides along as one more column of both packs.
+        extra = [self.market] if self.market is not None else []
+        self._packed_up = PackedTails([self.tails[self.features[i]] for i in self._up_idx] + extra)
+        self._packed_down = PackedTails([self.tails[self.features[i]] for i in self._down_idx] + extra)
         self._hi = np.array([self.tails[f].maximum for f in self.features])
         self._lo = np.array([self.tails[f].minimum for f in self.features])
         self._floor = np.array([SPECS[f].tail_floor for f in self.features])
         self._fee = self.features.index(FEE_RATE) if FEE_RATE in self.features else None
+        if self._fee is not None and self.market is not None:
+            self._fee_up = int(np.flatnonzero(self._up_idx == self._fee)[0])
+            self._fee_down = int(np.flatnonzero(self._down_idx == self._fee)[0])
+            self._edge_base = math.log10(self.tails[FEE_RATE].n) + MIN_RELAY_FEE_RATE
         self._cols: dict[tuple[str, ...], np.ndarray] = {}
 
     def _columns(self, feature_names: list[str]) -> np.ndarray:
@@ -220,37 +226,49 @@ class TailModel:
             cols = self._cols[key] = np.array([col[f] for f in self.features], dtype=np.int64)
         return cols
 
+    def evaluate(
+        self, X: np.ndarray, feature_names: list[str], market_fee_rate: np.ndarray | float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row and tail feature: the tail score in decades (-log10 p; 0 where a value is unknown or at
+        most its ``tail_floor``) and whether the value lies past the training range in an anomalous
+        direction (for the fee rate, also below the minimum relay fee)."""
+        V = np.asarray(X, dtype=np.float64)[:, self._columns(feature_names)]
+        Vu, Vd = V[:, self._up_idx], V[:, self._down_idx]
+        with_market = self._fee is not None and self.market is not None
+        if with_market:
+            rel = relative_fee_rate(V[:, self._fee], market_fee_rate)[:, None]
+            Vu, Vd = np.concatenate([Vu, rel], axis=1), np.concatenate([Vd, rel], axis=1)
+        U = self._packed_up.upper(Vu)
+        score = np.zeros_like(V)
+        score[:, self._up_idx] = U[:, : len(self._up_idx)]
+        if len(self._down_idx):
+            D = self._packed_down.lower(Vd)
+            score[:, self._down_idx] = np.maximum(score[:, self._down_idx], D[:, : len(self._down_idx)])
+        below_relay = None
+        if with_market:
+            j = self._fee
+            rate = np.expm1(V[:, j])
+            below_relay = rate < MIN_RELAY_FEE_RATE
+            up = 0.5 * (U[:, self._fee_up] + U[:, -1])
+            down = np.minimum(D[:, self._fee_down], D[:, -1])
+            # Below the minimum relay fee (zero fees included): past the range, whatever the window held.
+            down = np.where(below_relay, np.maximum(down, self._edge_base - rate), down)
+            score[:, j] = np.maximum(up, down)
+        known = ~np.isnan(V) & (self._floor < V)
+        past = (self._up & (self._hi < V)) | (self._down & (self._lo > V))
+        if below_relay is not None:
+            past[:, self._fee] |= below_relay
+        return np.where(known, score, 0.0), past & known
+
     def scores(
         self, X: np.ndarray, feature_names: list[str], market_fee_rate: np.ndarray | float
     ) -> np.ndarray:
-        """(rows, len(self.features)) tail scores in decades (-log10 p), 0 where a value is unknown."""
-        V = np.asarray(X, dtype=np.float64)[:, self._columns(feature_names)]
-        up = np.zeros_like(V)
-        down = np.zeros_like(V)
-        up[:, self._up_idx] = self._packed_up.upper(V[:, self._up_idx])
-        if len(self._down_idx):
-            down[:, self._down_idx] = self._packed_down.lower(V[:, self._down_idx])
-        j = self._fee
-        if j is not None and self.market is not None:
-            x = V[:, j]
-            rel = relative_fee_rate(x, market_fee_rate)
-            up[:, j] = 0.5 * (up[:, j] + self.market.upper(rel))
-            down[:, j] = np.minimum(down[:, j], self.market.lower(rel))
-            # Below the minimum relay fee (zero fees included): past the range, whatever the window held.
-            rate = np.expm1(x)
-            edge = math.log10(self.tails[FEE_RATE].n) + (MIN_RELAY_FEE_RATE - rate)
-            down[:, j] = np.where(rate < MIN_RELAY_FEE_RATE, np.maximum(down[:, j], edge), down[:, j])
-        score = np.maximum(up, down)
-        return np.where(np.isnan(V) | (self._floor >= V), 0.0, score)
+        """(rows, len(self.features)) tail scores in decades (``evaluate``'s first half)."""
+        return self.evaluate(X, feature_names, market_fee_rate)[0]
 
     def past_range(self, X: np.ndarray, feature_names: list[str]) -> np.ndarray:
-        """(rows, len(self.features)): the value lies beyond the training range in an anomalous direction
-        (or, for the fee rate, below the minimum relay fee)."""
-        V = np.asarray(X, dtype=np.float64)[:, self._columns(feature_names)]
-        hit = (self._up & (self._hi < V)) | (self._down & (self._lo > V))
-        if self._fee is not None:
-            hit[:, self._fee] |= np.expm1(V[:, self._fee]) < MIN_RELAY_FEE_RATE
-        return hit & ~np.isnan(V) & (self._floor < V)
+        """(rows, len(self.features)) past the training range (``evaluate``'s second half)."""
+        return self.evaluate(X, feature_names, np.nan)[1]
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
