@@ -320,6 +320,57 @@ def promote(
         raise typer.Exit(1)
 
 
+@app.command()
+def evaluate(
+    alias: Annotated[str, typer.Option(help="Registered version to evaluate, by alias.")] = "champion",
+    version: Annotated[
+        str | None, typer.Option(help="Registered version number (instead of --alias).")
+    ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare", help="Train candidate detectors on the bundled sample and compare them instead."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every candidate (--compare).")] = 0,
+    benchmark: Annotated[
+        Path | None, typer.Option(help="Benchmark file (default: the bundled resources/benchmark.jsonl.gz).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the flat metrics as JSON instead.")] = False,
+) -> None:
+    """Score the labelled benchmark with a registered model (or, --compare, candidate detectors) and print
+    ROC-AUC, PR-AUC, precision at 50/100, flag rates, per-archetype recall and reason agreement."""
+    import time
+
+    from btc_anomaly.model.evaluate import bundle_scorer, load_benchmark
+    from btc_anomaly.model.evaluate import evaluate as run_eval
+
+    _logging("WARNING")
+    s = get_settings()
+    bench = load_benchmark(benchmark)
+    t0 = time.perf_counter()
+    if compare:
+        from btc_anomaly.model.candidates import compare as run_compare
+
+        result = run_compare(seed=seed, benchmark=bench, settings=s)
+        typer.echo(result.table())
+        typer.echo(f"{len(result.rows)} rows, seed {seed}, {time.perf_counter() - t0:.1f} s")
+        return
+    from btc_anomaly.model.registry import load_alias, load_version
+
+    loaded = load_version(s, version) if version is not None else load_alias(s, alias)
+    if loaded is None:
+        typer.echo(f"{s.model_name} has no '{alias}' version at {s.mlflow_tracking_uri}", err=True)
+        raise typer.Exit(1)
+    report = run_eval(bundle_scorer(loaded.bundle, s), bench, name=f"{loaded.name} v{loaded.version}")
+    if json_out:
+        typer.echo(json.dumps(report.flat_metrics(), indent=1, sort_keys=True))
+        return
+    typer.echo(f"{loaded.name} v{loaded.version}\n")
+    typer.echo(report.table())
+    typer.echo(f"evaluated in {report.seconds:.1f} s")
+
+
 # --- serving --------------------------------------------------------------------------------------------
 
 

@@ -168,6 +168,14 @@ class Settings(BaseSettings):
     gate_canary_min_flagged: float = Field(
         0.8, description="Promotion gate: share of the bundled canary transactions that must be flagged."
     )
+    gate_benchmark_tolerance: float = Field(
+        0.02,
+        description="Promotion gate: how far the challenger's benchmark canonical ROC-AUC, precision at 50 "
+        "and 8-field ROC-AUC may fall below the champion's (absolute).",
+    )
+    gate_benchmark_min_roc_auc: float = Field(
+        0.90, description="Promotion gate: minimum benchmark ROC-AUC (canonical path) of any challenger."
+    )
 
     # --- stream / lake ----------------------------------------------------------------------------------
     lake_root: Path | None = Field(

@@ -16,7 +16,9 @@ import pyarrow as pa
 import pytest
 from deltalake import write_deltalake
 
+import btc_anomaly.model.train as train_module
 from btc_anomaly.config import PROJECT_ROOT, Settings
+from btc_anomaly.features import compute_features
 from btc_anomaly.model.promotion import champion_history, promote, promotion_history
 from btc_anomaly.model.registry import CHALLENGER, CHAMPION, client
 from btc_anomaly.model.scoring import SCORED_COLUMNS, cached_champion, map_in_pandas_scorer
@@ -26,6 +28,12 @@ from btc_anomaly.schema import Transaction, arrow_schema
 
 pytestmark = pytest.mark.integration
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
+BENCH_TAGS = (
+    "bench.canonical.roc_auc",
+    "bench.canonical.precision_at_50",
+    "bench.summary.roc_auc",
+    "bench.canonical.normal_flag_rate",
+)
 
 
 def _write_table(path: Path, limit: int | None = None) -> None:
@@ -78,7 +86,15 @@ def test_lifecycle(settings: Settings, lake: Path) -> None:
         assert m in run.data.metrics
     assert run.inputs.dataset_inputs, "training dataset not logged"
     artifacts = {a.path for a in c.list_artifacts(first.run_id, "plots")}
-    assert artifacts == {"plots/score_histogram.png", "plots/fee_rate_vs_value.png"}
+    assert artifacts == {"plots/score_histogram.png", "plots/fee_rate_vs_value.png", "plots/benchmark_pr.png"}
+    # The benchmark evaluation of the new bundle: metrics, table, headline tags, and a passed gate check.
+    assert "benchmark.md" in {a.path for a in c.list_artifacts(first.run_id)}
+    for key in ("bench.canonical.roc_auc", "bench.summary.roc_auc", "bench.raw.roc_auc"):
+        assert 0.5 < run.data.metrics[key] <= 1.0, key
+    for key in BENCH_TAGS:
+        assert float(mv.tags[key]) == pytest.approx(run.data.metrics[key], abs=1e-6), key
+    bench_check = next(ch for ch in first.decision.checks if ch.name == "benchmark")
+    assert bench_check.passed and "no champion yet" in bench_check.detail
 
     # 2. A bad challenger (20 rows) is refused, with the reason recorded; the champion stays.
     bad = train(
@@ -174,3 +190,56 @@ print(json.dumps({"version": model.version, "rows": len(out), "kinds": sorted(se
         "promoted",
         "refused",
     ]
+
+
+def _one_feature_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """Training features in which every column but the output value is a constant (missing stays missing,
+    so rows are routed to the same forest): a model blind to fees, counts and scripts."""
+    features = compute_features(frame)
+    for column in features.columns:
+        if column != "log_output_value":
+            features[column] = features[column].where(features[column].isna(), 0.0)
+    return features
+
+
+def test_gate_refuses_a_challenger_worse_on_the_benchmark(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model of its own, and every other check opened wide: the benchmark is the only one that can refuse.
+    own = settings.model_copy(
+        update={
+            "model_name": f"btc-anomaly-bench-{uuid.uuid4().hex[:8]}",
+            "gate_rate_tolerance": 1000.0,
+            "gate_reference_max_flag_rate": 1.0,
+            "gate_min_rank_corr": -1.0,
+            "gate_canary_min_flagged": 0.0,
+        }
+    )
+    c = client(own)
+    champion = train(own, decided_by="ci@test", progress=False)
+    assert champion.decision.promoted, champion.decision.summary
+
+    monkeypatch.setattr(train_module, "compute_features", _one_feature_only)
+    worse = train(own, decided_by="ci@test", progress=False)
+    assert not worse.decision.promoted
+    assert [ch.name for ch in worse.decision.failed] == ["benchmark"]
+    check = worse.decision.failed[0]
+    assert (
+        "below the champion's" in check.detail
+        and f"tolerance {own.gate_benchmark_tolerance:g}" in check.detail
+    )
+    assert "canonical ROC-AUC" in check.detail
+    assert (
+        worse.decision.metrics["benchmark.canonical.roc_auc"]
+        < worse.decision.metrics["benchmark.champion.canonical.roc_auc"] - own.gate_benchmark_tolerance
+    )
+    # Recorded like every other refusal; the champion stays.
+    mv = c.get_model_version(own.model_name, worse.version)
+    assert mv.tags["promotion.status"] == "refused"
+    assert mv.tags["promotion.reason"].startswith("benchmark: ")
+    assert json.loads(mv.tags["promotion.checks"])["benchmark"]["passed"] is False
+    assert c.get_model_version_by_alias(own.model_name, CHAMPION).version == champion.version
+    # What train() logged for it says the same: its headline numbers are below the champion's.
+    assert float(mv.tags["bench.canonical.roc_auc"]) < float(
+        c.get_model_version(own.model_name, champion.version).tags["bench.canonical.roc_auc"]
+    )

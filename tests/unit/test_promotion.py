@@ -6,6 +6,7 @@ the gate's checks are stubbed: this is about the order of registry writes, not t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -179,3 +180,56 @@ def test_refusal_never_touches_the_alias(registry: FakeRegistry, monkeypatch: py
     assert registry.aliases["champion"] == "1"
     assert registry.versions["2"].tags["promotion.status"] == "refused"
     assert not any(e[0] == "alias" for e in registry.log)
+
+
+# --- the benchmark check (pure logic: numbers in, Check out) -------------------------------------------------
+
+CHAMP = {"canonical.roc_auc": 0.960, "canonical.precision_at_50": 0.90, "summary.roc_auc": 0.940}
+
+
+def _bench(challenger: dict[str, float] | None, champion: dict[str, float] | None, **kw: Any) -> Check:
+    return promotion.benchmark_check(challenger, champion, tolerance=0.02, min_roc_auc=0.90, **kw)
+
+
+def test_benchmark_within_tolerance_passes() -> None:
+    mine = {"canonical.roc_auc": 0.945, "canonical.precision_at_50": 0.88, "summary.roc_auc": 0.935}
+    check = _bench(mine, CHAMP)
+    assert check.passed and check.name == "benchmark"
+    assert check.value == 0.945
+    assert "within 0.02 of the champion" in check.detail
+    assert _bench(CHAMP, None).passed  # no champion: only the floor
+
+
+def test_benchmark_regression_beyond_tolerance_is_refused_with_both_values() -> None:
+    mine = dict(CHAMP, **{"canonical.precision_at_50": 0.86})
+    check = _bench(mine, CHAMP)
+    assert not check.passed
+    assert "canonical precision at 50 0.8600" in check.detail
+    assert "champion's 0.9000" in check.detail and "tolerance 0.02" in check.detail
+    assert "ROC-AUC" not in check.detail  # only the metric that regressed is named
+
+    worse = dict(CHAMP, **{"summary.roc_auc": 0.90, "canonical.roc_auc": 0.93})
+    detail = _bench(worse, CHAMP).detail
+    assert "8-field ROC-AUC 0.9000" in detail and "canonical ROC-AUC 0.9300" in detail
+
+
+def test_benchmark_floor_applies_without_and_with_a_champion() -> None:
+    low = {"canonical.roc_auc": 0.85, "canonical.precision_at_50": 0.9, "summary.roc_auc": 0.9}
+    check = _bench(low, None)
+    assert not check.passed and "below the floor 0.9" in check.detail
+    weak_champion = {"canonical.roc_auc": 0.86, "canonical.precision_at_50": 0.9, "summary.roc_auc": 0.9}
+    assert not _bench(low, weak_champion).passed  # as good as the champion, still under the floor
+    assert not _bench(dict(low, **{"canonical.roc_auc": math.nan}), None).passed
+
+
+def test_benchmark_errors() -> None:
+    failed = _bench(None, None, error="FileNotFoundError: benchmark.jsonl.gz")
+    assert not failed.passed and failed.value is None
+    assert failed.detail == "benchmark evaluation failed: FileNotFoundError: benchmark.jsonl.gz"
+    # A champion that cannot be evaluated does not block a challenger that clears the floor.
+    ok = _bench(CHAMP, None, champion_error="ValueError: feature version 1")
+    assert ok.passed and "champion not comparable (ValueError: feature version 1)" in ok.detail
+    # A path the champion has no number for is not compared.
+    assert _bench(
+        dict(CHAMP, **{"summary.roc_auc": 0.5}), dict(CHAMP, **{"summary.roc_auc": math.nan})
+    ).passed

@@ -30,7 +30,21 @@ VERSION_TAGS = (
     "promotion.reason",
     "promotion.decided_at",
 )
-RUN_METRICS = ("anomaly_rate", "threshold_full", "threshold_structural", "score_p99_full", "total_seconds")
+# Benchmark headline numbers (model/evaluate.py): version tags since they exist, else the run's metrics.
+BENCH_KEYS = (
+    "bench.canonical.roc_auc",
+    "bench.canonical.precision_at_50",
+    "bench.summary.roc_auc",
+    "bench.canonical.normal_flag_rate",
+)
+RUN_METRICS = (
+    "anomaly_rate",
+    "threshold_full",
+    "threshold_structural",
+    "score_p99_full",
+    "total_seconds",
+    *BENCH_KEYS,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,18 @@ def _parse_iso(text: str | None) -> dt.datetime | None:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+def _bench(tags: dict[str, str], metrics: dict[str, float]) -> dict[str, float | None]:
+    """The benchmark headline of one version (``BENCH_KEYS``): its tag, else its run metric, else None."""
+    out: dict[str, float | None] = {}
+    for key in BENCH_KEYS:
+        value: Any = tags.get(key, metrics.get(key))
+        try:
+            out[key] = float(value) if value is not None else None
+        except (TypeError, ValueError):
+            out[key] = None
+    return out
 
 
 def fetch(settings: Settings, run_metrics_cache: dict[str, dict[str, float]] | None = None) -> ModelSnapshot:
@@ -106,6 +132,7 @@ def fetch(settings: Settings, run_metrics_cache: dict[str, dict[str, float]] | N
                 "run_id": mv.run_id,
                 **{k: tags.get(k) for k in VERSION_TAGS},
                 **(metrics or {}),
+                **_bench(tags, metrics or {}),
             }
         )
     promoted = None

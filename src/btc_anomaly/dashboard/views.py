@@ -532,6 +532,9 @@ def _short_time(value: Any) -> str:
     return ""
 
 
+NO_BENCH = "\u2014"  # versions trained before the benchmark (or whose evaluation failed)
+
+
 def render_model(state: DashboardState, now: dt.datetime) -> ModelView:
     snap = state.models.get()
     versions = [
@@ -546,6 +549,10 @@ def render_model(state: DashboardState, now: dt.datetime) -> ModelView:
             "anomaly_rate": _pct(v.get("anomaly_rate")),
             "threshold_full": _num(v.get("threshold_full")),
             "score_p99_full": _num(v.get("score_p99_full")),
+            "bench_roc_auc": _num(v.get("bench.canonical.roc_auc"), 3) or NO_BENCH,
+            "bench_precision_at_50": _num(v.get("bench.canonical.precision_at_50"), 2) or NO_BENCH,
+            "bench_summary_roc_auc": _num(v.get("bench.summary.roc_auc"), 3) or NO_BENCH,
+            "bench_normal_flag_rate": _pct(v.get("bench.canonical.normal_flag_rate")) or NO_BENCH,
             "status": v.get("promotion.status") or "",
         }
         for v in snap.versions

@@ -3,9 +3,9 @@
 Every candidate is trained on ``data/sample/transactions.jsonl.gz`` and scored by ``evaluate.evaluate``
 along the same three paths as the production model:
 
-* ``ours``: ``model.train.fit_bundle`` on ``compute_features`` of the sample, scored by
+* ``ours``: ``model.train.fit_bundle`` on the sample as ``train`` fits it (``fit_ours``), scored by
   ``evaluate.bundle_scorer`` (the production detector, whatever it is); a second row, ``ours (risk_score)``,
-  ranks by the risk score instead of the forest's score;
+  ranks by the risk score instead of the model's score;
 * ``forest, same features``: sklearn ``IsolationForest`` defaults on ``FEATURES_FULL``;
 * ``forest, 8 raw fields``: ``IsolationForest`` defaults on size, weight, fee, inputs_count,
   outputs_count, input_value, output_value, fee/size and fee/weight (the project's original design);
@@ -106,11 +106,21 @@ def raw8_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _summary_features(frame: pd.DataFrame) -> pd.DataFrame:
     """Features of 8-field rows before imputation (what the API computes from them)."""
-    from btc_anomaly.api.inference import summary_table
-    from btc_anomaly.api.schemas import SummaryTransaction
+    from btc_anomaly.model import core
 
-    items = [SummaryTransaction.model_construct(**r) for r in frame.to_dict("records")]
-    return compute_features(summary_table(items))
+    def ints(col: pd.Series) -> list[int | None]:
+        return [None if v is None or v != v else int(v) for v in col.tolist()]
+
+    table = core.summary_table(
+        frame["size"].to_numpy(),
+        frame["weight"].to_numpy(),
+        ints(frame["fee"]),
+        frame["inputs_count"].to_numpy(),
+        frame["outputs_count"].to_numpy(),
+        ints(frame["input_value"]),
+        ints(frame["output_value"]),
+    )
+    return compute_features(table)
 
 
 # --- detectors --------------------------------------------------------------------------------------------
@@ -163,7 +173,7 @@ class Baseline:
         if self.family == "raw8":
             return raw8_columns(frame)
         if path == "summary":
-            from btc_anomaly.api.inference import SUMMARY_IMPUTED
+            from btc_anomaly.model.core import SUMMARY_IMPUTED
 
             X = _summary_features(frame)
             full = self._known(X)
@@ -362,6 +372,19 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
 
+def fit_ours(train: pd.DataFrame, settings: Settings) -> Any:
+    """The production bundle of ``train`` rows, fit as ``model.train.train`` fits it: features, each row's
+    fee market (its block's median fee rate), the newest row's market as the bundle's reference."""
+    from btc_anomaly.features import market_fee_rates
+    from btc_anomaly.model.train import fit_bundle
+
+    train = train.reset_index(drop=True)
+    market = market_fee_rates(train)
+    newest = pd.to_datetime(train["first_seen"], utc=True, format="ISO8601").to_numpy().argmax()
+    bundle, _ = fit_bundle(compute_features(train), settings, market, market_reference=float(market[newest]))
+    return bundle
+
+
 def compare(
     *,
     seed: int = 0,
@@ -372,8 +395,6 @@ def compare(
     progress: Callable[[str], None] | None = None,
 ) -> Comparison:
     """Train every candidate under each protocol and evaluate it (see the module doc)."""
-    from btc_anomaly.model.train import fit_bundle
-
     t_all = time.perf_counter()
     settings = (settings or Settings()).model_copy(
         update={"iforest_contamination": CONTAMINATION, "iforest_random_state": seed}
@@ -384,7 +405,7 @@ def compare(
     for protocol in protocols:
         train, bench = protocol_data(protocol, sample, benchmark)
         t0 = time.perf_counter()
-        bundle, _ = fit_bundle(compute_features(train).reset_index(drop=True), settings)
+        bundle = fit_ours(train, settings)
         fit_s = time.perf_counter() - t0
         report = evaluate(bundle_scorer(bundle, settings), bench, name="ours")
         rows.append(Row(protocol, "ours", report, fit_s, train_rows=len(train)))

@@ -15,7 +15,9 @@ The canonical normals are real transactions held out of ``data/sample`` (never t
 * ``raw``: the raw split (fee unknown; /predict/raw without prevout lookups).
 
 A scorer is ``scorer(frame, path) -> ScoredRows``: ``frame`` holds the canonical columns (``canonical``,
-``raw``) or the 8 summary columns (``summary``). ``bundle_scorer(bundle)`` is the production model's.
+``raw``) or the 8 summary columns (``summary``), plus ``market_fee_rate``: the median fee rate of the
+row's block (``features.market_fee_rates``, what the trainer reads its rows against; the stream and the
+API pass the live market the same way). ``bundle_scorer(bundle)`` is the production model's.
 
 Metrics per path, for ``anomaly_score`` and for ``risk_score`` (sklearn.metrics; label 1 = positive):
 
@@ -73,6 +75,9 @@ SUMMARY_FIELDS = (
 PRECISION_AT = (50, 100)
 RISK_FLAG_AT = 50.0  # detectors.risk.SEVERITY_BANDS[1]: "high" and "severe" count as flagged
 SCORES = ("anomaly_score", "risk_score")
+# Context column next to a path's rows: the fee market (sat/vB) of the row's block, as the stream and the
+# API pass the current one to the scoring core. Not a transaction field; scorers may ignore it.
+MARKET_COLUMN = "market_fee_rate"
 
 # Features a correct explanation of an archetype names (at least one of them). ``past_range_<quantity>`` rows
 # expect that quantity's feature (``PAST_RANGE_FEATURES``, else ``<quantity>`` or ``log_<quantity>`` when it
@@ -222,52 +227,59 @@ Scorer = Callable[[pd.DataFrame, ScoringPath], ScoredRows]
 
 
 def bundle_scorer(bundle: ModelBundle, settings: Settings | None = None) -> Scorer:
-    """The production scoring of ``bundle``: ``score_frame`` for canonical and raw rows, the API's 8-field
-    path (``summary_table`` → features → ``_impute`` → forests, explanations, risk) for summary rows."""
+    """The production scoring of ``bundle``: the scoring core (``model/core.py``) the stream, the API and
+    the gate share, with every row explained; 8-field rows as the API builds them (``core.summary_table``,
+    imputed features, header-only rules). Rows are read against their ``MARKET_COLUMN`` when the frame
+    has one (else the bundle's training reference)."""
     from btc_anomaly.config import get_settings
-    from btc_anomaly.model.scoring import ChampionModel, score_frame
+    from btc_anomaly.detectors.watchlist import load_watchlist
+    from btc_anomaly.model import core
+    from btc_anomaly.model.scoring import canonical_table
 
     settings = settings or get_settings()
-    model = ChampionModel(bundle=bundle, name="benchmark", version="-", run_id=None)
+    detectors = settings.risk_detectors
+    watchlist = load_watchlist(settings.watchlist_dir) if detectors else None
 
     def score(frame: pd.DataFrame, path: ScoringPath) -> ScoredRows:
+        n = len(frame)
+        market = frame[MARKET_COLUMN].to_numpy(dtype=np.float64) if MARKET_COLUMN in frame else None
         if path == "summary":
-            return _score_summary(bundle, frame, settings.explain_top_k)
-        out = score_frame(frame, model, explain="all", settings=settings)
+            table = core.summary_table(
+                frame["size"].to_numpy(),
+                frame["weight"].to_numpy(),
+                _ints(frame["fee"]),
+                frame["inputs_count"].to_numpy(),
+                frame["outputs_count"].to_numpy(),
+                _ints(frame["input_value"]),
+                _ints(frame["output_value"]),
+            )
+            summary = np.ones(n, dtype=bool)
+        else:
+            table, summary = canonical_table(frame), None
+        batch = core.score_batch(
+            bundle, table, market=market, summary=summary, watchlist=watchlist, detectors=detectors
+        )
+        reasons = core.explain_batch(bundle, batch, np.arange(n), settings.explain_top_k)
         return ScoredRows(
-            anomaly_score=out["anomaly_score"].to_numpy(dtype=np.float64),
-            is_anomaly=out["is_anomaly"].to_numpy(dtype=bool),
-            risk_score=out["risk_score"].to_numpy(dtype=np.float64),
-            top_features=[list(t) for t in out["top_features"]],
+            anomaly_score=np.asarray(batch.score, dtype=np.float64),
+            is_anomaly=np.asarray(batch.is_anomaly, dtype=bool),
+            risk_score=np.asarray(batch.assessment.risk_score, dtype=np.float64),
+            top_features=[[it["feature"] for it in reasons.get(i, [])] for i in range(n)],
         )
 
     return score
 
 
-def _score_summary(bundle: ModelBundle, frame: pd.DataFrame, top_k: int) -> ScoredRows:
-    from btc_anomaly.api.inference import _impute, explain_matrix, score_matrix, summary_table
-    from btc_anomaly.api.model_holder import Served
-    from btc_anomaly.api.risk import risk_columns
-    from btc_anomaly.api.schemas import SummaryTransaction
-    from btc_anomaly.features import feature_matrix
-    from btc_anomaly.model.scoring import ChampionModel
+def _ints(col: pd.Series) -> list[int | None]:
+    return [None if v is None or v != v else int(v) for v in col.tolist()]
 
-    # model_construct: the rows come from valid canonical transactions, the body validation adds nothing.
-    items = [SummaryTransaction.model_construct(**r) for r in frame[list(SUMMARY_FIELDS)].to_dict("records")]
-    table = summary_table(items)
-    matrix = feature_matrix(table)
-    _impute(matrix, 0, bundle)
-    score, threshold, kinds = score_matrix(bundle, matrix)
-    n = len(score)
-    explained = explain_matrix(bundle, matrix, kinds, np.arange(n), top_k)
-    served = Served(ChampionModel(bundle=bundle, name="benchmark", version="-", run_id=None))
-    risk = risk_columns(served, table, matrix, score, threshold, kinds, 0)
-    return ScoredRows(
-        anomaly_score=score,
-        is_anomaly=score > threshold,
-        risk_score=np.asarray(risk["risk_score"], dtype=np.float64),
-        top_features=[[it["feature"] for it in explained.get(i, [])] for i in range(n)],
-    )
+
+def with_market(frame: pd.DataFrame) -> pd.Series:
+    """Each canonical row's fee market: the median fee rate of its block (``features.market_fee_rates``, what
+    the trainer reads its own rows against; NaN where no fee is known, i.e. the raw split)."""
+    from btc_anomaly.features import market_fee_rates
+
+    return pd.Series(market_fee_rates(frame), index=frame.index, name=MARKET_COLUMN)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------
@@ -561,7 +573,14 @@ def evaluate(
         rows = frames[path]
         if rows.empty:
             continue
-        scored = scorer(to_summary(rows) if path == "summary" else rows, path)
+        if MARKET_COLUMN not in rows:
+            rows = rows.assign(**{MARKET_COLUMN: with_market(rows)})
+        given = (
+            to_summary(rows).assign(**{MARKET_COLUMN: rows[MARKET_COLUMN].to_numpy()})
+            if path == "summary"
+            else rows
+        )
+        scored = scorer(given, path)
         reports[path] = path_report(path, rows, scored)
     return EvalReport(paths=reports, seconds=time.perf_counter() - t0, name=name)
 

@@ -14,6 +14,11 @@ Checks (limits from Settings, ``gate_*``):
                           not reorder what is normal and what is not.
 ``canaries``              at least ``gate_canary_min_flagged`` of the bundled canaries (real, extreme
                           transactions) are flagged.
+``benchmark``             on the labelled benchmark (``evaluate.py``), the challenger's canonical ROC-AUC,
+                          precision at 50 and 8-field (summary) ROC-AUC are each at most
+                          ``gate_benchmark_tolerance`` below the champion's (evaluated the same way, now), and
+                          its canonical ROC-AUC is at least ``gate_benchmark_min_roc_auc``. A benchmark that
+                          cannot be evaluated refuses the challenger with the error as the reason.
 
 Every decision, promotion or refusal, is written to the model version: tags ``promotion.status``,
 ``promotion.reason``, ``promotion.decided_by``, ``promotion.decided_at``, ``promotion.checks`` (JSON), one
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,6 +53,7 @@ from btc_anomaly.model.registry import (
 )
 
 EVENT_PREFIX = "promotion.event."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +112,14 @@ class GateDecision:
 
 
 # --- checks -----------------------------------------------------------------------------------------
+
+# Benchmark metrics compared with the champion's (``EvalReport.metric`` keys) and how the detail names them.
+BENCHMARK_METRICS: dict[str, str] = {
+    "canonical.roc_auc": "canonical ROC-AUC",
+    "canonical.precision_at_50": "canonical precision at 50",
+    "summary.roc_auc": "8-field ROC-AUC",
+}
+BENCHMARK_FLOOR_METRIC = "canonical.roc_auc"
 
 
 def _reference_scores(bundle: ModelBundle) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +223,100 @@ def evaluate(
             + (f" (missed {', '.join(missed)})" if missed else ""),
         )
     )
+    checks.append(_benchmark(settings, bundle, champion, metrics))
     return checks, metrics
+
+
+def benchmark_check(
+    challenger: dict[str, float] | None,
+    champion: dict[str, float] | None,
+    *,
+    tolerance: float,
+    min_roc_auc: float,
+    error: str | None = None,
+    champion_error: str | None = None,
+) -> Check:
+    """The ``benchmark`` check from measured numbers (``BENCHMARK_METRICS`` keys → values).
+
+    ``challenger`` None (with ``error``): the benchmark could not be evaluated, refuse. ``champion`` None:
+    no champion (or, with ``champion_error``, one that cannot be evaluated): only the floor applies.
+    """
+    limit = (
+        f"each >= champion - {tolerance:g}; {BENCHMARK_METRICS[BENCHMARK_FLOOR_METRIC]} >= {min_roc_auc:g}"
+    )
+    if challenger is None:
+        return Check("benchmark", False, None, limit, f"benchmark evaluation failed: {error or 'no result'}")
+    value = challenger.get(BENCHMARK_FLOOR_METRIC, math.nan)
+    problems: list[str] = []
+    if not value >= min_roc_auc:  # NaN fails too
+        problems.append(
+            f"{BENCHMARK_METRICS[BENCHMARK_FLOOR_METRIC]} {value:.4f} below the floor {min_roc_auc:g}"
+        )
+    compared: list[str] = []
+    for key, label in BENCHMARK_METRICS.items():
+        mine = challenger.get(key, math.nan)
+        if champion is None:
+            compared.append(f"{label} {mine:.4f}")
+            continue
+        theirs = champion.get(key, math.nan)
+        compared.append(f"{label} {mine:.4f} (champion {theirs:.4f})")
+        if not math.isfinite(theirs):
+            continue  # the champion lacks this path: nothing to compare against
+        if not mine >= theirs - tolerance:
+            problems.append(
+                f"{label} {mine:.4f} is {theirs - mine:.4f} below the champion's {theirs:.4f} "
+                f"(tolerance {tolerance:g})"
+            )
+    if problems:
+        return Check("benchmark", False, value, limit, "; ".join(problems))
+    if champion is None:
+        against = (
+            f"champion not comparable ({champion_error}); " if champion_error else "no champion yet; "
+        ) + f"{BENCHMARK_METRICS[BENCHMARK_FLOOR_METRIC]} >= {min_roc_auc:g}"
+    else:
+        against = f"within {tolerance:g} of the champion, floor {min_roc_auc:g}"
+    return Check("benchmark", True, value, limit, ", ".join(compared) + f": {against}")
+
+
+def _benchmark_numbers(settings: Settings, bundle: ModelBundle) -> dict[str, float]:
+    from btc_anomaly.model.evaluate import bundle_scorer
+    from btc_anomaly.model.evaluate import evaluate as run_benchmark
+
+    report = run_benchmark(bundle_scorer(bundle, settings), paths=("canonical", "summary"))
+    return {key: report.metric(key) for key in BENCHMARK_METRICS}
+
+
+def _benchmark(
+    settings: Settings, bundle: ModelBundle, champion: ModelBundle | None, metrics: dict[str, float]
+) -> Check:
+    try:
+        mine = _benchmark_numbers(settings, bundle)
+    except Exception as exc:
+        log.warning("benchmark evaluation of the challenger failed: %s", exc)
+        return benchmark_check(
+            None,
+            None,
+            tolerance=settings.gate_benchmark_tolerance,
+            min_roc_auc=settings.gate_benchmark_min_roc_auc,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+    theirs: dict[str, float] | None = None
+    champion_error = None
+    if champion is not None:
+        try:
+            theirs = _benchmark_numbers(settings, champion)
+        except Exception as exc:
+            log.warning("benchmark evaluation of the champion failed: %s", exc)
+            champion_error = f"{type(exc).__name__}: {exc}"
+    for prefix, numbers in (("benchmark.", mine), ("benchmark.champion.", theirs or {})):
+        metrics.update({prefix + k: v for k, v in numbers.items() if math.isfinite(v)})
+    return benchmark_check(
+        mine,
+        theirs,
+        tolerance=settings.gate_benchmark_tolerance,
+        min_roc_auc=settings.gate_benchmark_min_roc_auc,
+        champion_error=champion_error,
+    )
 
 
 # --- decisions --------------------------------------------------------------------------------------
