@@ -243,3 +243,22 @@ def test_gate_refuses_a_challenger_worse_on_the_benchmark(
     assert float(mv.tags["bench.canonical.roc_auc"]) < float(
         c.get_model_version(own.model_name, champion.version).tags["bench.canonical.roc_auc"]
     )
+
+    # `btc-anomaly evaluate` reads both back from the registry and measures them the same way.
+    env = dict(
+        os.environ,
+        BTC_ANOMALY_MLFLOW_TRACKING_URI=own.mlflow_tracking_uri,
+        BTC_ANOMALY_MODEL_NAME=own.model_name,
+    )
+    cli = [sys.executable, "-m", "btc_anomaly.cli", "evaluate"]
+    table = subprocess.run(
+        [*cli, "--version", worse.version], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert f"{own.model_name} v{worse.version}" in table.stdout
+    assert "| canonical | anomaly_score |" in table.stdout and "| past_range_fee_rate |" in table.stdout
+    flat = subprocess.run([*cli, "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert flat.returncode == 0, flat.stderr[-3000:]
+    assert json.loads(flat.stdout)["bench.canonical.roc_auc"] == pytest.approx(
+        worse.decision.metrics["benchmark.champion.canonical.roc_auc"]
+    )
