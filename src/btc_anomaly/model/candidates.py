@@ -25,7 +25,8 @@ Two protocols:
   of the sample);
 * ``time``: train on the sample's rows with ``block_height < TIME_SPLIT_BLOCK`` (692,261), evaluate on the
   benchmark rows whose ``source_block`` is 692,261 plus the sample's 692,261 rows as extra normals (on
-  the raw path with their prevouts removed, as a decode without lookups leaves them).
+  the raw path with their prevouts removed, as a decode without lookups leaves them). The raw split holds
+  no anomaly of block 692,261, so this protocol has no raw ROC-AUC ("—").
 """
 
 from __future__ import annotations
