@@ -1,7 +1,8 @@
 """Scoring latency: sklearn ``score_samples`` vs MLflow pyfunc vs our compiled scorer, same forest, same run.
 
-One IsolationForest (Settings defaults: 100 trees, 256 samples) is fit on the full-feature rows of the
-bundled sample. The 100k batch is the sample's feature rows tiled to 100,000. Every case is timed in
+The bundle is fit on the bundled sample (``fit_transactions``); its full detector's IsolationForest
+(Settings defaults: 100 trees, 256 samples) is the forest compared, on the clipped forest features it
+was trained on. The 100k batch is the sample's feature rows tiled to 100,000. Every case is timed in
 the same process, interleaved, and reported as the median of its repeats; ``vs sklearn`` is sklearn's
 time divided by the case's (higher = faster than sklearn).
 
@@ -10,6 +11,8 @@ time divided by the case's (higher = faster than sklearn).
   loaded with ``mlflow.pyfunc.load_model``; its predict returns labels (it scores internally).
 * ``MLflow pyfunc (our bundle)``: our registered pyfunc (``pyfunc.py``) on a feature frame.
 * ``compiled, numba`` / ``compiled, numpy``: ``CompiledForest.anomaly_score`` on a float32 matrix.
+* ``detector (tails + forest)``: ``ModelBundle.score_matrix``: the tail model, the compiled forest (auto
+  backend) and the calibration, on the ``FEATURES_FULL`` matrix — the model's whole score.
 * ``score_frame``: canonical transactions in → features, both forests, reasons for the anomalies out
   (what the stream and the API run), on the sample's raw transactions (1 tx; 100k = sample tiled).
 
@@ -38,7 +41,7 @@ from btc_anomaly.features import FEATURES_FULL, compute_features
 from btc_anomaly.model.bundle import ModelBundle
 from btc_anomaly.model.scorer import numba_available
 from btc_anomaly.model.scoring import ChampionModel, score_frame
-from btc_anomaly.model.train import fit_bundle
+from btc_anomaly.model.train import fit_transactions
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 BATCH = 100_000
@@ -82,14 +85,20 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
     records = [orjson.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()]
     txs = pd.DataFrame(records)
     features = compute_features(txs)
-    bundle, _ = fit_bundle(features, Settings())
+    bundle, _ = fit_transactions(txs, Settings())
     sk = bundle.sklearn_models["full"]
-    forest = bundle.forests["full"]
-    full = features[FEATURES_FULL].dropna().reset_index(drop=True)
+    det = bundle.detectors["full"]
+    forest = det.forest
+    matrix = features[FEATURES_FULL].dropna().to_numpy(np.float64)
+    clipped = det.parts(matrix, bundle.market_reference).forest_input
+    full = pd.DataFrame(clipped, columns=det.forest_feature_names)
     reps = -(-BATCH // len(full))
     big = pd.concat([full] * reps, ignore_index=True).iloc[:BATCH]
     one = full.iloc[[len(full) // 2]]
     X_big, X_one = big.to_numpy(np.float32), one.to_numpy(np.float32)
+    M_big = np.concatenate([matrix] * reps)[:BATCH]
+    M_one = matrix[[len(matrix) // 2]]
+    example = features[FEATURES_FULL].dropna().iloc[:5].reset_index(drop=True)
     tx_one = txs.iloc[[len(txs) // 2]]
     tx_big = pd.concat([txs] * (-(-BATCH // len(txs))), ignore_index=True).iloc[:BATCH]
     model = ChampionModel(bundle=bundle, name="bench", version="0", run_id=None)
@@ -99,14 +108,16 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
         "sklearn score_samples": (lambda: sk.score_samples(one), lambda: sk.score_samples(big)),
     }
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
-        sk_pyfunc, our_pyfunc = _pyfuncs(bundle, full.iloc[:5], Path(tmp))
+        sk_pyfunc, our_pyfunc = _pyfuncs(bundle, example, Path(tmp))
         cases["MLflow pyfunc (sklearn flavor)"] = (
             lambda: sk_pyfunc.predict(one),
             lambda: sk_pyfunc.predict(big),
         )
+        frame_one = pd.DataFrame(M_one, columns=FEATURES_FULL)
+        frame_big = pd.DataFrame(M_big, columns=FEATURES_FULL)
         cases["MLflow pyfunc (our bundle)"] = (
-            lambda: our_pyfunc.predict(one),
-            lambda: our_pyfunc.predict(big),
+            lambda: our_pyfunc.predict(frame_one),
+            lambda: our_pyfunc.predict(frame_big),
         )
         backends = (["numba"] if numba_available() else []) + ["numpy"]
         for backend in backends:
@@ -116,6 +127,10 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
                 return forest.anomaly_score(X)
 
             cases[f"compiled, {backend}"] = (lambda run=run: run(X_one), lambda run=run: run(X_big))
+        cases["detector (tails + forest)"] = (
+            lambda: bundle.score_matrix(M_one),
+            lambda: bundle.score_matrix(M_big),
+        )
         cases["score_frame (features+score+reasons)"] = (
             lambda: score_frame(tx_one, model, explain="all", settings=settings),
             lambda: score_frame(tx_big, model, settings=settings),

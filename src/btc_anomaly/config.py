@@ -152,6 +152,21 @@ class Settings(BaseSettings):
         "auto", description="Compiled forest evaluator: auto (numba if installed), numba or numpy."
     )
     explain_top_k: int = Field(3, description="Features named in each anomaly's reasons.")
+    fee_market_window_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Fee market a transaction's fee rate is read against: the median fee rate of the "
+        "`tx_stats_1m` windows of this many seconds up to the newest one (stream and API alike).",
+    )
+    fee_market_max_age_s: float = Field(
+        21600.0,
+        gt=0,
+        description="Windows older than this (by wall clock) do not count as the current fee market; "
+        "without any, scoring uses the model's training-window reference.",
+    )
+    fee_market_refresh_s: float = Field(
+        60.0, gt=0, description="Seconds between re-reads of the fee market from `tx_stats_1m`."
+    )
     model_reload_s: float = Field(
         60.0, description="Seconds between checks of the champion alias by long-running scorers."
     )

@@ -207,7 +207,7 @@ def test_metrics(http: httpx.Client) -> None:
 def test_openapi_documents_the_scoring(http: httpx.Client) -> None:
     spec = http.get("/openapi.json").json()
     post = spec["paths"]["/predict"]["post"]
-    assert "score_samples" in post["description"] and "offset_" in post["description"]
+    assert "1 - contamination" in post["description"] and "fee market" in post["description"]
     assert "median" in post["description"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PredictRequest"

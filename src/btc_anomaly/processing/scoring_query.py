@@ -109,7 +109,15 @@ def start_scoring_query(
         settings.mlflow_tracking_uri,
         settings.model_name,
         alias=CHAMPION,
-        overrides={"model_reload_s": settings.model_reload_s, "scorer_backend": settings.scorer_backend},
+        overrides={
+            "model_reload_s": settings.model_reload_s,
+            "scorer_backend": settings.scorer_backend,
+            # The workers read the fee market from this stream's own lake (model/context.py).
+            "lake_root": str(lake.root),
+            "fee_market_window_s": settings.fee_market_window_s,
+            "fee_market_max_age_s": settings.fee_market_max_age_s,
+            "fee_market_refresh_s": settings.fee_market_refresh_s,
+        },
     )
     scored = inserted_transactions(spark, lake, transaction_columns()).mapInPandas(
         scorer, schema=scored_spark_schema()
