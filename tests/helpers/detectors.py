@@ -11,9 +11,8 @@ import pandas as pd
 import pyarrow as pa
 
 from btc_anomaly.config import PROJECT_ROOT, Settings
-from btc_anomaly.features import compute_features
 from btc_anomaly.model.bundle import ModelBundle
-from btc_anomaly.model.train import fit_bundle
+from btc_anomaly.model.train import fit_transactions
 from btc_anomaly.schema import arrow_schema
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
@@ -46,7 +45,7 @@ def table(records: list[dict]) -> pa.Table:
 
 @lru_cache(maxsize=1)
 def fitted_bundle() -> ModelBundle:
-    return fit_bundle(compute_features(sample_frame()), Settings())[0]
+    return fit_transactions(sample_frame(), Settings())[0]
 
 
 def settings(**overrides: object) -> Settings:
