@@ -107,20 +107,9 @@ def raw8_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _summary_features(frame: pd.DataFrame) -> pd.DataFrame:
     """Features of 8-field rows before imputation (what the API computes from them)."""
-    from btc_anomaly.model import core
+    from btc_anomaly.model.evaluate import summary_table_of
 
-    def ints(col: pd.Series) -> list[int | None]:
-        return [None if v is None or v != v else int(v) for v in col.tolist()]
-
-    table = core.summary_table(
-        frame["size"].to_numpy(),
-        frame["weight"].to_numpy(),
-        ints(frame["fee"]),
-        frame["inputs_count"].to_numpy(),
-        frame["outputs_count"].to_numpy(),
-        ints(frame["input_value"]),
-        ints(frame["output_value"]),
-    )
+    table = summary_table_of(frame)
     return compute_features(table)
 
 

@@ -96,7 +96,14 @@ EXPECTED_FEATURES: dict[str, tuple[str, ...]] = {
     ),
     "consolidation": ("log_input_count", "log_vsize", "log_input_value"),
     "huge_transfer": ("log_output_value", "log_input_value"),
-    "op_return_spam": ("has_op_return", "out_share_nulldata", "log_output_count"),
+    # Many OP_RETURN outputs, or one of 1-50 kB: the count or the size of the transaction.
+    "op_return_spam": (
+        "log_nulldata_output_count",
+        "has_op_return",
+        "out_share_nulldata",
+        "log_output_count",
+        "log_vsize",
+    ),
     # Real oddities (scripts/build_benchmark.py: CANONICAL_HISTORICAL, FIRST_TAPROOT, RAW_ODDITIES).
     "historical_annex_fee_burn": ("fee_share", "log_fee_rate", "has_op_return", "out_share_nulldata"),
     "historical_every_script_type": (
@@ -244,15 +251,7 @@ def bundle_scorer(bundle: ModelBundle, settings: Settings | None = None) -> Scor
         n = len(frame)
         market = frame[MARKET_COLUMN].to_numpy(dtype=np.float64) if MARKET_COLUMN in frame else None
         if path == "summary":
-            table = core.summary_table(
-                frame["size"].to_numpy(),
-                frame["weight"].to_numpy(),
-                _ints(frame["fee"]),
-                frame["inputs_count"].to_numpy(),
-                frame["outputs_count"].to_numpy(),
-                _ints(frame["input_value"]),
-                _ints(frame["output_value"]),
-            )
+            table = summary_table_of(frame)
             summary = np.ones(n, dtype=bool)
         else:
             table, summary = canonical_table(frame), None
@@ -268,6 +267,21 @@ def bundle_scorer(bundle: ModelBundle, settings: Settings | None = None) -> Scor
         )
 
     return score
+
+
+def summary_table_of(frame: pd.DataFrame) -> Any:
+    """The canonical Arrow rows /predict builds for a frame of 8-field bodies (``core.summary_table``)."""
+    from btc_anomaly.model import core
+
+    return core.summary_table(
+        frame["size"].to_numpy(),
+        frame["weight"].to_numpy(),
+        _ints(frame["fee"]),
+        frame["inputs_count"].to_numpy(),
+        frame["outputs_count"].to_numpy(),
+        _ints(frame["input_value"]),
+        _ints(frame["output_value"]),
+    )
 
 
 def _ints(col: pd.Series) -> list[int | None]:
