@@ -3,7 +3,7 @@
 ``forest only`` is ``score_frame(..., detectors=False)`` (features, both forests, reasons for the
 anomalies; the risk score from the forest alone). ``all detectors`` adds the rules, the watchlists
 (21k real listed addresses, data/labels), the Mahalanobis distance and the combined risk score with its
-signals: what the stream and the API run by default. The batch is the bundled 7,006 real transactions
+signals: what the stream and the API run by default. The batch is the bundled 5,274 real transactions
 tiled to 100,000; one transaction is the sample's median row. Cases are interleaved and reported as
 the median of their repeats; ``cost`` is all detectors' time divided by the forest's (goal: at most 2x).
 The detector parts are also timed alone on the 100k batch (their inputs precomputed).

@@ -1,6 +1,6 @@
 """Training cost on 1M transactions: features + both forests, as ``btc-anomaly train`` runs them.
 
-The bundled sample (7,006 real transactions) is looped to ``rows`` rows with a fresh hash per copy,
+The bundled sample (5,274 real transactions) is looped to ``rows`` rows with a fresh hash per copy,
 as a pandas frame shaped like the Delta reader's output (nested inputs/outputs as Python objects).
 Timed steps, each once (they are seconds long; run-to-run noise on this machine is a few percent):
 

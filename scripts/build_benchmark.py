@@ -3,7 +3,8 @@
     .venv/bin/python scripts/build_benchmark.py --shared /work/shared/data
 
 Two splits, one JSON object per line (``id, split, label, archetype, source_txid, source_block, change, tx,
-hex``; ``tx`` is exactly ``Transaction.to_json_bytes()``):
+hex``; ``tx`` is exactly ``Transaction.to_json_bytes()``; ``hex`` is the serialized transaction for the anomalies
+and the raw split, empty for the canonical normals: see ``Row.keeps_hex``):
 
 * ``canonical``: prevouts known, so fee and input value are exact. The normals (label 0) are the block
   transactions ``scripts/build_sample.py`` holds out of ``data/sample`` (never trained on). The anomalies
@@ -73,7 +74,8 @@ SEED = "btc-anomaly-benchmark-v1"
 MAX_WEIGHT = 4_000_000  # consensus limit of a block, so of any transaction in one
 RAW_NORMALS = 1_500
 N_ROWS = 26  # anomalies per archetype and split
-N_ROWS_HEAVY = 20  # archetypes whose rows carry thousands of real inputs or outputs (file size)
+# Archetypes whose rows carry ~1,000-3,000 real inputs or outputs, or a 100-300 kB payload, each (file size).
+N_ROWS_HEAVY = 12
 RAW_SALT = "raw-normal:"
 
 # Heights of the shared blocks whose coinbase carries no BIP34 height (from the shared data's SOURCES.md).
@@ -750,12 +752,13 @@ FACTORS: dict[str, tuple[float, float]] = {
     "fee": (1.5, 20.0),
     "output_value": (1.5, 20.0),
     "dust_outputs": (1.5, 20.0),
-    # The next four add real bytes to every row (an OP_RETURN of ~100-300 kB, ~1,000-1,300 inputs,
-    # ~1,700-2,200 outputs): kept near the low end so the file stays loadable (and < 4,000,000 weight).
+    # The next four add real bytes to every row (an OP_RETURN of ~150-250 kB, ~1,000 inputs, ~1,700 outputs):
+    # kept near the low end so the file stays small (and < 4,000,000 weight). A count at 1.6x is no more
+    # past range than one at 1.5x, while each added input or output is ~60-80 incompressible bytes.
     "vsize": (1.5, 2.5),
     "size": (1.5, 2.5),
-    "input_count": (1.5, 2.0),
-    "output_count": (1.5, 2.0),
+    "input_count": (1.5, 1.6),
+    "output_count": (1.5, 1.6),
 }
 
 
@@ -811,7 +814,7 @@ def past_output_value(src: Source, rng: random.Random, ctx: Context) -> tuple[Bu
 
 
 def past_input_count(src: Source, rng: random.Random, ctx: Context) -> tuple[Built, str] | None:
-    """Input count = max(ceil(F x the maximum), maximum + 1), F log-uniform in [1.5, 2]: real inputs of other
+    """Input count = max(ceil(F x the maximum), maximum + 1), F log-uniform in [1.5, 1.6]: real inputs of other
     transactions of the same block appended (``borrow_inputs``). Canonical: the fee rate is kept and the
     outputs are untouched, so the appended inputs' prevout values are scaled (all by one factor) to pay
     exactly the extra fee. Raw: nothing else changes."""
@@ -848,7 +851,7 @@ def past_input_count(src: Source, rng: random.Random, ctx: Context) -> tuple[Bui
 
 
 def past_output_count(src: Source, rng: random.Random, ctx: Context) -> tuple[Built, str] | None:
-    """Output count = max(ceil(F x the maximum), maximum + 1), F log-uniform in [1.5, 2]: outputs appended
+    """Output count = max(ceil(F x the maximum), maximum + 1), F log-uniform in [1.5, 1.6]: outputs appended
     that pay distinct real outputs of the same block whose value is 546 sat - 0.01 BTC, at their real
     values, scaled down by one factor (>= 0.05, each >= 546 sat) when the largest output cannot fund them.
     The largest output pays for them (and, canonical, for the extra fee at the kept fee rate)."""
@@ -1009,7 +1012,16 @@ class Row:
     source_block: int | None
     change: str
     tx: Transaction
-    hex: str
+    hex: str  # always held (the build checks every row against it); written only when ``keeps_hex``
+
+    @property
+    def keeps_hex(self) -> bool:
+        """Whether the file carries ``hex``: anomalies (modified, or real oddities) and the raw split.
+
+        A canonical normal is an unmodified block transaction whose canonical ``tx`` is what is evaluated
+        (its serialization is in the shared block, ``source_txid`` names it); its ``hex`` is written empty.
+        """
+        return self.label == 1 or self.split == "raw"
 
 
 def interleaved(sources: dict[int, list[Source]], rng: random.Random) -> Iterator[Source]:
@@ -1206,7 +1218,7 @@ def row_bytes(row: Row, rid: str) -> bytes:
             "source_block": row.source_block,
             "change": row.change,
             "tx": orjson.loads(row.tx.to_json_bytes()),
-            "hex": row.hex,
+            "hex": row.hex if row.keeps_hex else "",
         }
     )
 
@@ -1383,6 +1395,29 @@ def recipe_doc(fn: Callable[..., Any]) -> str:
     return " ".join((fn.__doc__ or "").split()).replace("``", "`")
 
 
+def size_table(rows: list[Row]) -> str:
+    """Rows grouped by weight, with what each group costs gzipped alone (level 9, as the file)."""
+    heavy = [a for a, (_, n) in {**CANONICAL_ARCHETYPES, **RAW_ARCHETYPES}.items() if n == N_ROWS_HEAVY]
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.label == 0:
+            key = f"{r.split} normals" + ("" if r.keeps_hex else " (no `hex`)")
+        elif r.archetype in heavy:
+            key = f"heavy anomalies ({N_ROWS_HEAVY} per archetype and split: {', '.join(f'`{a}`' for a in heavy)})"
+        elif r.archetype == "dust_fanout":
+            key = "`dust_fanout` anomalies (100-1,000 outputs each)"
+        elif r.archetype.startswith("historical_"):
+            key = "`historical_*` rows (real oddities, the sweeps 40-80 kB each)"
+        else:
+            key = "other anomalies"
+        groups.setdefault(key, []).append(r)
+    lines = []
+    for key, members in groups.items():
+        body = b"".join(row_bytes(r, r.split[0]) + b"\n" for r in members)
+        lines.append(f"| {key} | {len(members):,} | {len(gzip.compress(body, 9, mtime=0)):,} |")
+    return "\n".join(lines)
+
+
 def sources_md(s: Summary) -> str:
     rows = s.rows
     counts = Counter((r.split, r.archetype) for r in rows)
@@ -1442,8 +1477,12 @@ Each line is one JSON object: `id` (`c-NNNN` canonical, `r-NNNN` raw, file order
 anomaly), `archetype`, `source_txid` (the real transaction it came from; its own hash when unmodified),
 `source_block` (height), `change` (what was modified, with the numbers; empty for normals), `tx` (the
 canonical `Transaction`, exactly `Transaction.to_json_bytes()`) and `hex` (the raw transaction, with
-witness). For every row, decoding `hex` gives `tx`'s hash, size and weight (checked by the script and by
-`tests/unit/test_benchmark_data.py`).
+witness). `hex` is there where it is needed: every anomaly (label 1) and every row of the `raw` split. It is
+empty (`""`) for the canonical normals: those are unmodified block transactions, `source_txid` names them,
+their bytes are in the shared block file, and what is evaluated is their canonical `tx` (the block
+decoder's output, as in `data/sample`; the script checks their serialization against `tx`'s hash, size and
+weight before leaving it out). For every row with a `hex`, decoding it gives `tx`'s hash, size and weight
+(checked by the script and by `tests/unit/test_benchmark_data.py`).
 
 ## Splits
 
@@ -1548,13 +1587,21 @@ it) and `scripts/build_sample.py` (`held_out`).
 
 ## Size
 
-The file is {len(s.data) / 1e6:.1f} MB ({sum(len(line) for line in gzip.decompress(s.data).splitlines()) / 1e6:.0f} MB uncompressed). Most of it is the ~150 rows that carry hundreds
-to thousands of real inputs or outputs each (`consolidation`: 200-3,000 inputs; `past_range_input_count`:
-> 973 inputs; `past_range_output_count`: > 1,663 outputs; `dust_fanout`: 100-1,000 outputs): every real
-outpoint or output script is 20-36 bytes that do not compress, in `hex` and again (as an address) in
-`tx`. To limit it, those archetypes and the ~150-250 kB `past_range_vsize`/`past_range_size` rows have
-{N_ROWS_HEAVY} rows instead of {N_ROWS}, their factors stay near the 1.5x floor (`FACTORS`), added inputs
-reuse unlocking data of the same shape, and large OP_RETURN payloads are repetitive ASCII.
+The file is {len(s.data) / 1e6:.1f} MB ({sum(len(line) for line in gzip.decompress(s.data).splitlines()) / 1e6:.0f} MB uncompressed). Rows by weight (each group gzipped on its own):
+
+| rows | count | gzip bytes |
+|---|---|---|
+{size_table(rows)}
+
+The heavy rows carry hundreds to thousands of real inputs or outputs each (`consolidation`: 200-3,000
+inputs; `past_range_input_count`: >= {math.ceil(1.5 * m.input_count):,} inputs; `past_range_output_count`: \
+>= {math.ceil(1.5 * m.output_count):,} outputs), and the `dust_fanout` rows 100-1,000 outputs each: every real
+outpoint or output script is 20-36 bytes that do not compress, in `hex` and again (as an address) in `tx`,
+~50-80 bytes per input or output in the file. To limit it: the heavy archetypes have {N_ROWS_HEAVY} rows
+instead of {N_ROWS} (`N_ROWS_HEAVY`), their count factors stay at 1.5-1.6x (`FACTORS`), added inputs reuse
+unlocking data of the same shape, large OP_RETURN payloads are repetitive ASCII, and the canonical normals
+carry no `hex`. No field repeats another in a way gzip does not already absorb (`source_txid` = `tx.hash`
+of an unmodified row costs one back-reference).
 """
 
 

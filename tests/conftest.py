@@ -77,7 +77,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 @pytest.fixture(scope="session")
 def sample_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Delta lake whose ``transactions`` table holds the bundled sample (7,006 real transactions)."""
+    """A Delta lake whose ``transactions`` table holds the bundled sample (5,274 real transactions)."""
     import gzip
 
     import pyarrow as pa

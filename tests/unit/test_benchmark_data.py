@@ -57,6 +57,15 @@ ARCHETYPES = {
     },
 }
 CANONICAL_BLOCKS = (388_381, 419_328, 481_824, 692_261)
+# Archetypes whose rows carry ~1,000+ real inputs or outputs (or a 100-300 kB payload) each: fewer rows
+# (scripts/build_benchmark.py: N_ROWS_HEAVY) so that the file stays small enough to ship.
+HEAVY = {
+    "consolidation",
+    "past_range_input_count",
+    "past_range_output_count",
+    "past_range_vsize",
+    "past_range_size",
+}
 
 
 @lru_cache(maxsize=1)
@@ -184,7 +193,7 @@ def test_counts_per_split_and_archetype() -> None:
     counts = Counter((r["split"], r["archetype"]) for r in _rows())
     for split, names in ARCHETYPES.items():
         for name in names:
-            assert counts[(split, name)] >= 20, (split, name)
+            assert counts[(split, name)] >= (12 if name in HEAVY else 20), (split, name)
     assert counts[("raw", "normal")] == 1_500
     # every held-out transaction of the sample is a canonical normal
     held = re.findall(
@@ -232,7 +241,10 @@ def test_held_out_fees_complete_the_sample_blocks() -> None:
 def test_hex_gives_the_transaction() -> None:
     for r in _rows():
         if r["label"] == 0 and r["split"] == "canonical":
-            continue  # unmodified block transactions; the sample's decoder tests cover those
+            # unmodified block transactions, evaluated by their canonical tx: no hex (file size)
+            assert r["hex"] == "", r["id"]
+            continue
+        assert r["hex"], r["id"]  # every anomaly and every raw row carries its serialization
         txid, size, weight = _reparse(bytes.fromhex(r["hex"]))
         tx = r["tx"]
         assert (txid, size, weight, (weight + 3) // 4) == (
