@@ -51,9 +51,7 @@ def items():
 
 def test_canonical_table_is_the_model_dump(items) -> None:
     columns = set(core.INPUT_COLUMNS)
-    dumped = pa.Table.from_pylist(
-        [t.model_dump(include=columns) for t in items], schema=core.INPUT_SCHEMA
-    )
+    dumped = pa.Table.from_pylist([t.model_dump(include=columns) for t in items], schema=core.INPUT_SCHEMA)
     assert inference.canonical_table(items).equals(dumped)
 
 

@@ -124,7 +124,6 @@ def test_a_dearer_fee_market_does_not_flag_its_ordinary_fees() -> None:
     """The same fee rates read against a market four times dearer than their own: a model trained in a
     cheap week does not flag the next expensive one wholesale (the flag rate stays near the contamination)."""
     frame = _frame()
-    bundle = sample_bundle()
     block = frame[frame["block_height"] == 692261].reset_index(drop=True)
     X = compute_features(block)[FEATURES_FULL].to_numpy(dtype=np.float64)
     rate = (block["fee"] / block["vsize"]).median()
