@@ -111,7 +111,9 @@ def test_detector_forest_is_the_stored_sklearn_forest_on_clipped_features() -> N
     X = _features()[FEATURES_FULL].dropna().to_numpy()
     Xf = det.parts(X, bundle.market_reference).forest_input
     assert np.abs(sk.score_samples(Xf) + det.forest.anomaly_score(Xf)).max() <= 1e-9
-    reference = IsolationForest(n_estimators=100, max_samples=256, contamination=0.01, random_state=42).fit(Xf)
+    reference = IsolationForest(n_estimators=100, max_samples=256, contamination=0.01, random_state=42).fit(
+        Xf
+    )
     assert sk.offset_ == reference.offset_
 
 
@@ -175,7 +177,10 @@ def test_reason_text() -> None:
     text = reason("log_fee_rate", (fee_rate_99_9 + stats.q("log_fee_rate", 1.0)) / 2, stats, market=10.0)
     assert text.startswith("fee rate ")
     assert "sat/vB is above the 99.9th percentile of the training window" in text
-    assert "189.5x the fee market's median (10 sat/vB)" in text or "x the fee market's median (10 sat/vB)" in text
+    assert (
+        "189.5x the fee market's median (10 sat/vB)" in text
+        or "x the fee market's median (10 sat/vB)" in text
+    )
     beyond = reason("log_fee_rate", stats.q("log_fee_rate", 1.0) + 1, stats, past_range=True)
     assert "above every transaction of the training window" in beyond
     assert "below the minimum relay fee" in reason("log_fee_rate", 0.0, stats, market=10.0)
