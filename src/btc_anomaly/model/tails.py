@@ -148,26 +148,28 @@ class PackedTails:
         self.scale_lower = np.array([t.scale_lower for t in tails])
         self.log_last_ge = np.log10(self.ge[self.end] / self.n) if tails else empty
         self.log_first_le = np.log10(self.le[self.start] / self.n) if tails else empty
+        # -log10 of each knot's share, computed once instead of per scored value.
+        n_of_knot = np.repeat(self.n, sizes)
+        self.score_ge = -np.log10(self.ge / n_of_knot) if tails else empty
+        self.score_le = -np.log10(self.le / n_of_knot) if tails else empty
 
     def upper(self, X: np.ndarray) -> np.ndarray:
         """(rows, m) -log10 P(X_j >= x) for column j of ``X`` against tail j; NaN scores 0."""
         x = np.clip(X, self.lo - 1.0, None)
         i = np.searchsorted(self.keys, (x + self.shift).ravel(), side="left").reshape(X.shape)
         inside = i <= self.end
-        count = self.ge[np.minimum(i, self.end)]
         beyond = np.maximum(x - self.hi, 0.0) / self.scale_upper / LN10
-        log_p = np.where(inside, np.log10(count / self.n), self.log_last_ge - beyond)
-        return np.where(np.isnan(X), 0.0, -log_p)
+        score = np.where(inside, self.score_ge[np.minimum(i, self.end)], beyond - self.log_last_ge)
+        return np.where(np.isnan(X), 0.0, score)
 
     def lower(self, X: np.ndarray) -> np.ndarray:
         """(rows, m) -log10 P(X_j <= x); NaN scores 0."""
         x = np.clip(X, None, self.hi + 1.0)
         i = np.searchsorted(self.keys, (x + self.shift).ravel(), side="right").reshape(X.shape) - 1
         inside = i >= self.start
-        count = self.le[np.maximum(i, self.start)]
         beyond = np.maximum(self.lo - x, 0.0) / self.scale_lower / LN10
-        log_p = np.where(inside, np.log10(count / self.n), self.log_first_le - beyond)
-        return np.where(np.isnan(X), 0.0, -log_p)
+        score = np.where(inside, self.score_le[np.maximum(i, self.start)], beyond - self.log_first_le)
+        return np.where(np.isnan(X), 0.0, score)
 
 
 @dataclass
