@@ -20,15 +20,17 @@ def naive_app() -> Any:
     from fastapi import FastAPI
     from pydantic import BaseModel
 
-    from btc_anomaly.features import FEATURES_FULL, FEATURES_STRUCTURAL, compute_features
-    from btc_anomaly.model.bundle import ModelBundle
+    from btc_anomaly.features import FEATURES_FULL, compute_features
+    from btc_anomaly.model.bundle import FOREST_FEATURES_OF, ModelBundle
     from btc_anomaly.schema import Transaction
 
     pyfunc = mlflow.pyfunc.load_model(os.environ[NAIVE_ENV])
     # The pyfunc wraps our bundle; its artifact folder also holds the fitted sklearn forests.
     bundle_dir = pyfunc._model_impl.context.artifacts["bundle"]
     forests = {k: ModelBundle.load_sklearn(bundle_dir, k) for k in ("full", "structural")}
-    columns = {"full": FEATURES_FULL, "structural": FEATURES_STRUCTURAL}
+    # The naive service scores with the bundle's forests alone (no tails, no calibration), on the features
+    # they were fit on.
+    columns = FOREST_FEATURES_OF
 
     class Out(BaseModel):
         hash: str
