@@ -14,7 +14,7 @@ import sys
 import urllib.request
 
 # Prometheus jobs of monitoring/prometheus/prometheus.compose.yml; all must be up.
-EXPECTED_JOBS = {"prometheus", "producer", "stream", "trainer", "api", "dashboard"}
+EXPECTED_JOBS = {"prometheus", "producer", "stream", "trainer", "detect", "api", "dashboard"}
 # A real mainnet transaction (tests/fixtures/example_tx_15e10745.hex) in /predict's 8-field form.
 EXAMPLE_TX = {
     "hash": "15e10745f15593a899cef391191bdd3d7c12412cc4696b7bcb669d0feadc8521",
