@@ -76,10 +76,6 @@ class ModelBundle:
     def thresholds(self) -> dict[str, float]:
         return {k: d.threshold for k, d in self.detectors.items()}
 
-    def full_rows(self, features: pd.DataFrame) -> np.ndarray:
-        """Rows the full detector can score: every prevout feature known."""
-        return ~np.isnan(features[FEATURES_PREVOUT].to_numpy(dtype=np.float64)).any(axis=1)
-
     def score_matrix(self, matrix: np.ndarray, market: np.ndarray | float | None = None) -> MatrixScores:
         """Scores of a ``features.feature_matrix`` (``FEATURES_FULL`` columns) against a fee market
         (sat/vB, per row or one for all; None = ``market_reference``)."""

@@ -36,7 +36,6 @@ from btc_anomaly.model.tails import EmpiricalTail, TailModel
 
 FOREST_MARGIN = 1.0  # decades
 CLIP_QUANTILES = (0.01, 0.99)
-EXPLAIN_MIN_DECADES = 1.0  # a tail feature is named in reasons from a 1-in-10 value on
 
 
 def forest_features(feature_names: list[str]) -> list[str]:
@@ -182,8 +181,3 @@ class KindDetector:
             calibration=EmpiricalTail.from_arrays(arrays, f"{prefix}.calibration"),
             contamination=float(arrays[f"{prefix}.contamination"][0]),
         )
-
-
-def decades_of(p: np.ndarray) -> np.ndarray:
-    """-log10 p, the evidence scale of ``Parts``."""
-    return -np.log10(np.maximum(np.asarray(p, dtype=np.float64), 1e-300))

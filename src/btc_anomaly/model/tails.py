@@ -176,7 +176,7 @@ class PackedTails:
 class TailModel:
     """The tail features of one forest kind, each with its training distribution.
 
-    ``scores`` gives, per row and tail feature, -log10 of the tail probability in the feature's anomalous
+    ``evaluate`` gives, per row and tail feature, -log10 of the tail probability in the feature's anomalous
     direction(s). The fee rate is read twice, absolutely and against the fee market of its time
     (``features.relative_fee_rate``). High: the mean of the two, so an overpayment stands out against
     its own market while a dearer market, or one era's wider spread of fees, does not flag ordinary
@@ -261,16 +261,6 @@ class TailModel:
         if below_relay is not None:
             past[:, self._fee] |= below_relay
         return np.where(known, score, 0.0), past & known
-
-    def scores(
-        self, X: np.ndarray, feature_names: list[str], market_fee_rate: np.ndarray | float
-    ) -> np.ndarray:
-        """(rows, len(self.features)) tail scores in decades (``evaluate``'s first half)."""
-        return self.evaluate(X, feature_names, market_fee_rate)[0]
-
-    def past_range(self, X: np.ndarray, feature_names: list[str]) -> np.ndarray:
-        """(rows, len(self.features)) past the training range (``evaluate``'s second half)."""
-        return self.evaluate(X, feature_names, np.nan)[1]
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
