@@ -26,12 +26,18 @@ PY
 }
 has_champion() {
   python - <<'PY'
+import sys
+
 from mlflow import MlflowClient
 
 from btc_anomaly.config import get_settings
 
 s = get_settings()
-v = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.model_name, "champion")
+try:
+    v = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.model_name, "champion")
+except Exception as exc:  # not registered / no alias yet, or the registry not answering: retried
+    print(f"first-training: no champion at {s.mlflow_tracking_uri} yet ({type(exc).__name__}: {exc})")
+    sys.exit(1)
 print(f"first-training: champion is {s.model_name} version {v.version}")
 PY
 }

@@ -152,15 +152,15 @@ def test_threshold_slider_relabels_to_the_count_the_data_implies(
     model_count = int(lake.scored["is_anomaly"].sum())
     wait_for(driver, lambda d: kpi_number(d, "anomalies") == model_count, "model-threshold count never shown")
 
-    set_threshold(driver, 0.55)
-    expected = int((scores > 0.55).sum())
+    set_threshold(driver, 0.95)
+    expected = int((scores > 0.95).sum())
     assert expected != model_count
     wait_for(
         driver,
         lambda d: kpi_number(d, "anomalies") == expected,
         f"anomaly KPI never became {expected} (shows {kpi_number(driver, 'anomalies')})",
     )
-    assert "0.5500" in text_of(driver, "#threshold-label")
+    assert "0.9500" in text_of(driver, "#threshold-label")
     assert f"{expected:,} anomalies" in text_of(driver, "#table-caption")
 
     # Keyboard on the slider handle: whatever value it lands on, the count is the data's count there.
@@ -168,10 +168,10 @@ def test_threshold_slider_relabels_to_the_count_the_data_implies(
     thumb.click()
     for _ in range(6):
         thumb.send_keys(Keys.ARROW_RIGHT)
-    wait_for(driver, lambda d: text_of(d, "#threshold-label") not in ("", "0.5500"), "slider did not move")
+    wait_for(driver, lambda d: text_of(d, "#threshold-label") not in ("", "0.9500"), "slider did not move")
     time.sleep(1.0)  # let the refresh of the last key press land
     shown = float(text_of(driver, "#threshold-label").split()[0])
-    assert shown > 0.55
+    assert shown > 0.95
     expected = int((scores > shown).sum())
     wait_for(driver, lambda d: kpi_number(d, "anomalies") == expected, f"count at {shown} is not {expected}")
     screenshot(driver, "dashboard-threshold")

@@ -56,7 +56,7 @@ def settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
             "lake_root": tmp_path / "lake",
             # Several batches, and a compaction every two: the windows (read from the change feed)
             # and the stored rows must not notice it.
-            "stream_max_offsets_per_trigger": 2_000,
+            "stream_max_offsets_per_trigger": 1_500,
             "stream_compact_every": 2,
             "stream_metrics_port": 0,
             # The sample spans 2011-2025; nothing in it may count as late.
