@@ -146,16 +146,8 @@ def explain_batch(
             continue
         det = bundle.detectors[kind]
         idx = kind_rows[pick]
-        sub = type(parts)(
-            tails=parts.tails[pick],
-            forest=parts.forest[pick],
-            combined=parts.combined[pick],
-            past_range=parts.past_range[pick],
-            p_value=parts.p_value[pick],
-            forest_input=parts.forest_input[pick],
-        )
         X = batch.matrix[np.ix_(idx, [_COL[f] for f in det.feature_names])]
-        items = explain(det, bundle.stats[kind], X, sub, batch.scores.market[idx], top_k=top_k)
+        items = explain(det, bundle.stats[kind], X, parts.take(pick), batch.scores.market[idx], top_k=top_k)
         for r, it in zip(idx.tolist(), items, strict=True):
             out[r] = it
     return out

@@ -53,6 +53,17 @@ class Parts:
     p_value: np.ndarray  # (rows,)
     forest_input: np.ndarray  # (rows, forest features) the clipped values the forest saw
 
+    def take(self, rows: np.ndarray) -> Parts:
+        """The evidence of ``rows`` only (positions in this batch)."""
+        return Parts(
+            self.tails[rows],
+            self.forest[rows],
+            self.combined[rows],
+            self.past_range[rows],
+            self.p_value[rows],
+            self.forest_input[rows],
+        )
+
 
 @dataclass
 class KindDetector:
@@ -118,8 +129,10 @@ class KindDetector:
         tails = TailModel.fit(X, feature_names, market_fee_rate)
         forest_scores = forest.anomaly_score(Xf.astype(np.float32))
         forest_tail = EmpiricalTail.fit(forest_scores)
-        placeholder = EmpiricalTail.fit(np.zeros(1))
-        det = cls(list(feature_names), forest, low, high, tails, forest_tail, placeholder, contamination)
+        # The calibration is the training rows' own combined evidence: computed with the detector itself,
+        # so it starts as a stand-in that nothing reads.
+        uncalibrated = EmpiricalTail.fit(np.zeros(1))
+        det = cls(list(feature_names), forest, low, high, tails, forest_tail, uncalibrated, contamination)
         market = market_fee_rate if market_fee_rate is not None else np.nan
         combined = det._combined(X, market)[0]
         det.calibration = EmpiricalTail.fit(combined)
