@@ -117,3 +117,14 @@ def write_transactions(lake: Path, records: list[dict]) -> None:
         pa.Table.from_pylist(rows, schema=tables.transactions_schema()),
         mode="append",
     )
+
+
+class RecordingNotifier:
+    """A notifier that keeps the alert texts instead of posting them (the webhook is the outside world)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def notify_text(self, text: str, kind: str = "alert") -> bool:
+        self.texts.append(text)
+        return True

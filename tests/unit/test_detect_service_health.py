@@ -25,18 +25,9 @@ from btc_anomaly.monitoring.detect_health import healthcheck
 from btc_anomaly.monitoring.exposition import serve_metrics
 from btc_anomaly.processing import tables
 from btc_anomaly.runtime.kafka_broker import free_port
-from helpers.detectors import burst_members, restamp, settings, write_transactions
+from helpers.detectors import RecordingNotifier, burst_members, restamp, settings, write_transactions
 
 T0 = pd.Timestamp("2026-01-01T00:00:00Z")
-
-
-class _Notifier:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def notify_text(self, text: str, kind: str = "alert") -> bool:
-        self.texts.append(text)
-        return True
 
 
 def _value(name: str, **labels: str) -> float:
@@ -61,7 +52,7 @@ def test_a_failing_stage_is_counted_logged_once_and_the_others_still_run(
     lake = tmp_path / "lake"
     _lake_with_a_burst(lake)
     _corrupt_stats_table(lake)
-    notifier = _Notifier()
+    notifier = RecordingNotifier()
     service = DetectService(settings(lake_root=lake), notifier)
     failures = _value("btc_detect_poll_failures_total", stage="windows")
     polls = _value("btc_detect_poll_duration_seconds_count")
@@ -105,7 +96,7 @@ def test_rows_read_written_and_alerts_are_counted(tmp_path: Path) -> None:
     written = _value("btc_detect_rows_written_total", table="coordinated_bursts", op="insert")
     alerts = _value("btc_detect_alerts_total", kind="burst")
 
-    r = DetectService(settings(lake_root=lake), _Notifier()).poll()
+    r = DetectService(settings(lake_root=lake), RecordingNotifier()).poll()
 
     assert r.ok and r.bursts_new == 1
     assert _value("btc_detect_rows_read_total", table="transactions") == read + 4

@@ -21,18 +21,9 @@ from deltalake import DeltaTable, write_deltalake
 from btc_anomaly.detectors.service import DetectService, upsert
 from btc_anomaly.processing import tables
 from btc_anomaly.processing.delta_reader import read_arrow, read_table
-from helpers.detectors import burst_members, restamp, settings, write_transactions
+from helpers.detectors import RecordingNotifier, burst_members, restamp, settings, write_transactions
 
 T0 = pd.Timestamp("2026-01-01T00:00:00Z")
-
-
-class _Notifier:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def notify_text(self, text: str, kind: str = "alert") -> bool:
-        self.texts.append(text)
-        return True
 
 
 def _file_types(path: Path, column: str) -> set[str]:
@@ -47,7 +38,7 @@ def test_bursts_that_keep_growing_are_upserted_at_every_poll(tmp_path: Path) -> 
     # decide a filter on burst_id by themselves (as in the demo's table).
     a = restamp(members[:4], T0, 3.0)
     b = restamp(members[-4:], T0 + pd.Timedelta(minutes=3), 3.0)
-    service = DetectService(settings(lake_root=lake), _Notifier())
+    service = DetectService(settings(lake_root=lake), RecordingNotifier())
 
     write_transactions(lake, a[:3] + b[:3])
     first = service.poll()

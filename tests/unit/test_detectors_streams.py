@@ -18,6 +18,7 @@ from btc_anomaly.processing import tables
 from btc_anomaly.processing.delta_reader import read_table
 from helpers.detectors import (
     FUNDER,
+    RecordingNotifier,
     block,
     burst_members,
     fitted_bundle,
@@ -89,15 +90,6 @@ def test_a_replayed_burst_of_fan_outs_becomes_one_coordinated_event() -> None:
 # --- the service --------------------------------------------------------------------------------------------
 
 
-class _Notifier:
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-
-    def notify_text(self, text: str, kind: str = "alert") -> bool:
-        self.texts.append(text)
-        return True
-
-
 def _write_stats(lake: Path, records: list[dict]) -> None:
     stats = stats_1m(records)
     schema = tables.stats_schema()
@@ -126,7 +118,7 @@ def test_detect_service_writes_once_alerts_once_and_survives_a_restart(tmp_path:
     _write_stats(lake, stream)
     _write_scored(lake, [record("9e8530a3589b")])  # history before the service starts: never alerted
 
-    notifier = _Notifier()
+    notifier = RecordingNotifier()
     first = DetectService(s, notifier).poll()
     assert first.windows_new >= 1 and first.bursts_new == 1 and first.risky_transactions == 0
     windows = read_table(lake / tables.WINDOW_ANOMALIES)

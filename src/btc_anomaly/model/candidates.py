@@ -43,6 +43,7 @@ import pandas as pd
 from btc_anomaly.config import PROJECT_ROOT, Settings
 from btc_anomaly.features import FEATURES_FULL, FEATURES_STRUCTURAL, compute_features
 from btc_anomaly.model.evaluate import (
+    SUMMARY_FIELDS,
     EvalReport,
     ScoredRows,
     Scorer,
@@ -56,17 +57,8 @@ SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 CONTAMINATION = 0.01
 TIME_SPLIT_BLOCK = 692_261
 PROTOCOLS = ("holdout", "time")
-RAW8_FULL = [
-    "size",
-    "weight",
-    "fee",
-    "inputs_count",
-    "outputs_count",
-    "input_value",
-    "output_value",
-    "fee_per_byte",
-    "fee_per_weight",
-]
+# The original design's 8 fields (less the hash) and its two fee ratios.
+RAW8_FULL = [*SUMMARY_FIELDS[1:], "fee_per_byte", "fee_per_weight"]
 RAW8_STRUCTURAL = ["size", "weight", "inputs_count", "outputs_count", "output_value"]
 
 
