@@ -127,6 +127,7 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
                 return forest.anomaly_score(X)
 
             cases[f"compiled, {backend}"] = (lambda run=run: run(X_one), lambda run=run: run(X_big))
+
         def detector(M: np.ndarray) -> Any:
             forest.backend = "auto"  # the compiled cases above switch the same forest's backend
             return bundle.score_matrix(M)
