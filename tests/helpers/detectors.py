@@ -128,3 +128,19 @@ class RecordingNotifier:
     def notify_text(self, text: str, kind: str = "alert") -> bool:
         self.texts.append(text)
         return True
+
+
+def run_detect_once(monkeypatch: object, lake_root: object) -> object:
+    """``btc-anomaly detect --once`` over ``lake_root`` through the CLI (webhook off); the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from btc_anomaly.cli import app
+    from btc_anomaly.config import get_settings
+
+    monkeypatch.setenv("BTC_ANOMALY_LAKE_ROOT", str(lake_root))  # type: ignore[attr-defined]
+    monkeypatch.delenv("BTC_ANOMALY_NOTIFY_WEBHOOK_URL", raising=False)  # type: ignore[attr-defined]
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, ["detect", "--once"])
+    finally:
+        get_settings.cache_clear()

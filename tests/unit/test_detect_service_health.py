@@ -25,7 +25,14 @@ from btc_anomaly.monitoring.detect_health import healthcheck
 from btc_anomaly.monitoring.exposition import serve_metrics
 from btc_anomaly.processing import tables
 from btc_anomaly.runtime.kafka_broker import free_port
-from helpers.detectors import RecordingNotifier, burst_members, restamp, settings, write_transactions
+from helpers.detectors import (
+    RecordingNotifier,
+    burst_members,
+    restamp,
+    run_detect_once,
+    settings,
+    write_transactions,
+)
 
 T0 = pd.Timestamp("2026-01-01T00:00:00Z")
 
@@ -148,13 +155,7 @@ def test_detect_once_exits_1_when_a_stage_failed(tmp_path: Path, monkeypatch: py
     lake = tmp_path / "lake"
     _lake_with_a_burst(lake)
     _corrupt_stats_table(lake)
-    monkeypatch.setenv("BTC_ANOMALY_LAKE_ROOT", str(lake))
-    monkeypatch.delenv("BTC_ANOMALY_NOTIFY_WEBHOOK_URL", raising=False)
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(app, ["detect", "--once"])
-    finally:
-        get_settings.cache_clear()
+    result = run_detect_once(monkeypatch, lake)
     assert result.exit_code == 1, result.output
     out = json.loads(result.output.strip().splitlines()[-1])
     assert out["failed_stages"] == ["windows"] and out["bursts_new"] == 1

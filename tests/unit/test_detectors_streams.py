@@ -24,6 +24,7 @@ from helpers.detectors import (
     fitted_bundle,
     record,
     restamp,
+    run_detect_once,
     settings,
     stats_1m,
     write_transactions,
@@ -157,18 +158,7 @@ def _version(path: Path) -> int:
 def test_detect_cli_once_on_an_empty_lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    from typer.testing import CliRunner
-
-    from btc_anomaly.cli import app
-    from btc_anomaly.config import get_settings
-
-    monkeypatch.setenv("BTC_ANOMALY_LAKE_ROOT", str(tmp_path / "lake"))
-    monkeypatch.delenv("BTC_ANOMALY_NOTIFY_WEBHOOK_URL", raising=False)
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(app, ["detect", "--once"])
-    finally:
-        get_settings.cache_clear()
+    result = run_detect_once(monkeypatch, tmp_path / "lake")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1]) == {
         "window_anomalies_new": 0,
