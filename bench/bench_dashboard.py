@@ -32,12 +32,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bench import dash_requests
 from btc_anomaly.config import Settings
 from btc_anomaly.dashboard.demo import fit_model, looped_scored, sample_transactions
 from btc_anomaly.dashboard.layout import ID
@@ -62,65 +64,48 @@ def build_lake(root: Path, rows: int, files: int, now: dt.datetime) -> pd.DataFr
     return scored
 
 
-def _payloads(window: str, threshold: float | None, model_threshold: float | None) -> list[dict[str, Any]]:
-    """The two requests a refresh tick sends: the panels callback and the table callback."""
-    filters = [
-        {"id": ID.window, "property": "value", "value": window},
-        {"id": ID.custom_start, "property": "value", "value": None},
-        {"id": ID.custom_end, "property": "value", "value": None},
-        {"id": ID.threshold, "property": "value", "value": threshold},
-        {"id": ID.min_value, "property": "value", "value": 0},
-    ]
-    tick = {"id": ID.tick, "property": "n_intervals", "value": 1}
-    panels = [
-        f"{ID.kpis}.children",
-        f"{ID.banner}.children",
-        f"{ID.timeseries}.figure",
-        f"{ID.histogram}.figure",
-        f"{ID.scatter}.figure",
-        f"{ID.threshold_label}.children",
-        f"{ID.view_key}.data",
-        f"{ID.updated}.children",
-    ]
-    table = [f"{ID.table}.data", f"{ID.table}.page_count", f"{ID.table_caption}.children"]
+@dataclass(frozen=True)
+class Page:
+    """What the browser learnt from ``/_dash-dependencies`` and ``/_dash-layout`` (fetched once, outside
+    the timed requests: they are the same for every app instance of this code)."""
 
-    def request(
-        outputs: list[str], inputs: list[dict[str, Any]], state: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        return {
-            "output": ".." + "...".join(outputs) + "..",
-            "outputs": [{"id": o.split(".")[0], "property": o.split(".")[1]} for o in outputs],
-            "inputs": inputs,
-            "changedPropIds": [f"{ID.tick}.n_intervals"],
-            "state": state,
+    callbacks: list[dash_requests.Callback]
+    values: dict[dash_requests.Prop, Any]
+
+    @classmethod
+    def of(cls, client: Any) -> Page:
+        return cls(dash_requests.callbacks(client), dash_requests.layout_values(client))
+
+
+def _payloads(
+    page: Page, window: str, threshold: float | None, model_threshold: float | None
+) -> list[dict[str, Any]]:
+    """The two requests a refresh tick sends (the panels callback and the table callback), built from
+    the app's callback map and layout (``bench.dash_requests``) with the benchmark's filter values."""
+    values = dict(page.values)
+    values.update(
+        {
+            (ID.tick, "n_intervals"): 1,
+            (ID.window, "value"): window,
+            (ID.threshold, "value"): threshold,
+            (ID.model_threshold, "data"): model_threshold,
+            (ID.url, "pathname"): "/",
+            (ID.table, "page_current"): 0,
+            (ID.table, "sort_by"): [{"column_id": "score", "direction": "desc"}],
         }
-
-    model = {"id": ID.model_threshold, "property": "data", "value": model_threshold}
-    path = {"id": ID.url, "property": "pathname", "value": "/"}
+    )
+    trigger = (ID.tick, "n_intervals")
     return [
-        request(
-            panels, [tick, *filters], [model, {"id": ID.view_key, "property": "data", "value": None}, path]
-        ),
-        request(
-            table,
-            [
-                tick,
-                *filters,
-                {"id": ID.table, "property": "page_current", "value": 0},
-                {
-                    "id": ID.table,
-                    "property": "sort_by",
-                    "value": [{"column_id": "score", "direction": "desc"}],
-                },
-            ],
-            [model, path],
-        ),
+        dash_requests.find(page.callbacks, output).request(values, trigger)
+        for output in ((ID.kpis, "children"), (ID.table, "data"))
     ]
 
 
-def _refresh(client: Any, window: str, threshold: float | None, model_threshold: float | None) -> int:
+def _refresh(
+    client: Any, page: Page, window: str, threshold: float | None, model_threshold: float | None
+) -> int:
     size = 0
-    for payload in _payloads(window, threshold, model_threshold):
+    for payload in _payloads(page, window, threshold, model_threshold):
         response = client.post("/_dash-update-component", json=payload)
         if response.status_code != 200:
             raise RuntimeError(f"callback failed: {response.status_code} {response.data[:300]!r}")
@@ -200,6 +185,9 @@ def main(rows: int = 1_000_000, repeats: int = 5, files: int = 20) -> list[dict[
             mlflow_tracking_uri="http://127.0.0.1:9",  # no registry: the model KPI says so, nothing waits
         )
 
+        probe = create_app(settings)
+        page = Page.of(probe.server.test_client())
+        probe.dashboard_state.models.stop()  # type: ignore[attr-defined]
         cold_cpu: list[float] = []
 
         def first_load() -> int:
@@ -208,7 +196,7 @@ def main(rows: int = 1_000_000, repeats: int = 5, files: int = 20) -> list[dict[
             client = app.server.test_client()
             layout = client.get("/_dash-layout")
             threshold = app.dashboard_state.cache.snapshot.model_threshold()  # type: ignore[attr-defined]
-            size = len(layout.data) + _refresh(client, "24h", threshold, threshold)
+            size = len(layout.data) + _refresh(client, page, "24h", threshold, threshold)
             cold_cpu.append(_cpu_seconds() - cpu)
             app.dashboard_state.models.stop()  # type: ignore[attr-defined]
             return size
@@ -224,13 +212,17 @@ def main(rows: int = 1_000_000, repeats: int = 5, files: int = 20) -> list[dict[
 
         def page_view() -> int:
             tab = app.server.test_client()  # a new browser tab on the running server
-            return len(tab.get("/_dash-layout").data) + _refresh(tab, "24h", model_threshold, model_threshold)
+            return len(tab.get("/_dash-layout").data) + _refresh(
+                tab, page, "24h", model_threshold, model_threshold
+            )
 
         view_ms, view_min, _ = _median_ms(page_view, repeats)
         unchanged_ms, unchanged_min, size = _median_ms(
-            lambda: _refresh(client, "24h", model_threshold, model_threshold), repeats
+            lambda: _refresh(client, page, "24h", model_threshold, model_threshold), repeats
         )
-        moved_ms, moved_min, _ = _median_ms(lambda: _refresh(client, "24h", 0.55, model_threshold), repeats)
+        moved_ms, moved_min, _ = _median_ms(
+            lambda: _refresh(client, page, "24h", 0.55, model_threshold), repeats
+        )
 
         appended: list[float] = []
         for i in range(repeats):
@@ -241,7 +233,7 @@ def main(rows: int = 1_000_000, repeats: int = 5, files: int = 20) -> list[dict[
             write_deltalake(str(root / "scored_transactions"), fresh, mode="append")
             time.sleep(state.cache.min_check_s)
             t = time.perf_counter()
-            _refresh(client, "24h", model_threshold, model_threshold)
+            _refresh(client, page, "24h", model_threshold, model_threshold)
             appended.append((time.perf_counter() - t) * 1000)
         append_ms = statistics.median(appended)
 
