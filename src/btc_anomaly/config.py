@@ -275,6 +275,11 @@ class Settings(BaseSettings):
         "127.0.0.1", description="Address `btc-anomaly api` binds (0.0.0.0 in a container)."
     )
     api_port: int = Field(5001, description="Port of `btc-anomaly api`.")
+    allowed_hosts: str = Field(
+        "localhost,127.0.0.1,::1,api,dashboard",
+        description="Host header values the API and the dashboard answer, comma-separated (others get 400); "
+        "`*` = any. The defaults cover local runs and the compose service names.",
+    )
     api_workers: int = Field(
         1, description="uvicorn worker processes of `btc-anomaly api`; /metrics aggregates all of them."
     )
@@ -307,6 +312,10 @@ class Settings(BaseSettings):
         64, description="Parent transactions looked up per /predict/raw request; the rest stay unresolved."
     )
     api_prevout_concurrency: int = Field(8, description="Parallel /rawtx prevout lookups per worker.")
+    api_prevout_not_found_ttl_s: float = Field(
+        600.0,
+        description="A parent /rawtx answered not-found is not looked up again for this many seconds (0 = always).",
+    )
     api_scored_table: Path | None = Field(
         None, description="Delta table of /anomalies and /transactions; empty = <lake>/scored_transactions."
     )
@@ -473,6 +482,11 @@ class Settings(BaseSettings):
     @property
     def checkpoint_path(self) -> Path:
         return self.checkpoint_dir or self.lake_dir / "_checkpoints"
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """``allowed_hosts`` as the list the API's and the dashboard's Host checks take."""
+        return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
 
     def lake_table(self, name: str) -> Path:
         """Path of the Delta table ``name`` (transactions, quarantine, tx_stats_1m, ...) under the lake."""

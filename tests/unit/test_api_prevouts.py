@@ -101,3 +101,58 @@ def test_parse_rawtx_outputs_rejects_other_shapes() -> None:
         parse_rawtx_outputs({"hash": obj["hash"], "out": [{"value": 1, "script": "zz"}]}, obj["hash"]) is None
     )
     assert parse_rawtx_outputs("<html>", obj["hash"]) is None
+
+
+def test_not_found_parents_are_not_asked_again_within_the_ttl(fake_blockchain: FakeBlockchainCom) -> None:
+    unknown = "ab" * 32
+    cached = PrevoutResolver(fake_settings(fake_blockchain, api_prevout_not_found_ttl_s=600.0))
+    uncached = PrevoutResolver(fake_settings(fake_blockchain, api_prevout_not_found_ttl_s=0.0))
+
+    async def run() -> None:
+        for _ in range(3):
+            result = await cached.resolve([unknown])
+            assert "not found" in result.errors[unknown] and not result.prevouts
+        assert fake_blockchain.count(f"/rawtx/{unknown}") == 1, "one upstream request per TTL"
+        for _ in range(2):
+            await uncached.resolve([unknown])
+        assert fake_blockchain.count(f"/rawtx/{unknown}") == 3, "TTL 0: asked every time"
+        await cached.aclose()
+        await uncached.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_429_opens_the_breaker_for_retry_after(fake_blockchain: FakeBlockchainCom) -> None:
+    parents = _parents()
+    fake_blockchain.rawtx.update(parents)
+    first, second = list(parents)[:2]
+    fake_blockchain.script("rawtx", Fault.rate_limit(retry_after="3600"))
+    resolver = PrevoutResolver(fake_settings(fake_blockchain))
+
+    async def run() -> None:
+        limited = await resolver.resolve([first])
+        assert "HTTP 429" in limited.errors[first]
+        # The source answers normally again, but the client asked for an hour: nothing is sent meanwhile.
+        later = await resolver.resolve([first, second])
+        assert set(later.errors) == {first, second} and not later.prevouts
+        assert all("rate limited" in e and "paused for 3600 s" in e for e in later.errors.values())
+        assert fake_blockchain.count("/rawtx") == 1
+        await resolver.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_429_without_retry_after_opens_the_breaker_too(fake_blockchain: FakeBlockchainCom) -> None:
+    parents = _parents()
+    fake_blockchain.rawtx.update(parents)
+    txid = next(iter(parents))
+    fake_blockchain.script("rawtx", Fault.rate_limit(retry_after=None))
+    resolver = PrevoutResolver(fake_settings(fake_blockchain))
+
+    async def run() -> None:
+        await resolver.resolve([txid])
+        again = await resolver.resolve([txid])
+        assert "rate limited" in again.errors[txid] and fake_blockchain.count("/rawtx") == 1
+        await resolver.aclose()
+
+    asyncio.run(run())

@@ -3,9 +3,13 @@ and script, which is what fee, input value and input addresses need.
 
 Bounded so a slow or absent source never makes the endpoint slow: one attempt per parent with
 ``api_prevout_timeout_s``, at most ``api_prevout_concurrency`` in flight, at most ``api_prevout_max_parents``
-parents per request, and the whole lookup cut at twice the timeout. A connection failure marks the source
-unreachable for ``_DOWN_S`` seconds, during which requests skip the lookup at once (scored by the structural
-forest, with the reason in the response). Parents are cached (LRU): a confirmed transaction never changes.
+parents per request, and the whole lookup cut at twice the timeout. A connection failure or an HTTP 429 opens
+a circuit breaker: the source is skipped at once (scored by the structural forest, with the reason in the
+response) for ``_DOWN_S`` seconds, or for as long as the 429's Retry-After asks. The API shares the producer's
+Blockchain.com quota, so clients of /predict/raw must not be able to spend it by retrying into a rate limit.
+Parents are cached (LRU): a confirmed transaction never changes. A parent answered not-found is remembered
+for ``api_prevout_not_found_ttl_s`` (it may still appear: a mempool parent the source has not seen yet), so a
+client repeating one unknown parent costs one upstream request per TTL, not one per request.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _DOWN_S = 30.0
 _CACHE_SIZE = 20_000
+_NOT_FOUND_SIZE = 20_000
 Outputs = dict[int, Prevout]
 
 
@@ -41,6 +46,7 @@ class PrevoutResolver:
         self.settings = settings
         self.source = settings.blockchain_base_url
         self._cache: OrderedDict[str, Outputs] = OrderedDict()
+        self._not_found: OrderedDict[str, tuple[float, str]] = OrderedDict()  # txid → (until, reason)
         self._client: object | None = None
         self._sem: asyncio.Semaphore | None = None
         self._down_until = 0.0
@@ -66,12 +72,16 @@ class PrevoutResolver:
     async def resolve(self, parents: Iterable[str]) -> Resolution:
         result = Resolution()
         wanted: list[str] = []
+        now = time.monotonic()
         for txid in dict.fromkeys(parents):
             outputs = self._cache.get(txid)
             if outputs is not None:
                 self._cache.move_to_end(txid)
                 API_PREVOUT_LOOKUPS.labels(result="cached").inc()
                 result.prevouts.update({(txid, n): p for n, p in outputs.items()})
+            elif (missing := self._not_found.get(txid)) is not None and missing[0] > now:
+                API_PREVOUT_LOOKUPS.labels(result="cached_not_found").inc()
+                result.errors[txid] = missing[1]
             else:
                 wanted.append(txid)
         if not wanted:
@@ -99,6 +109,24 @@ class PrevoutResolver:
             result.prevouts.update({(txid, n): p for n, p in outputs.items()})
         return result
 
+    def _open(self, reason: str, seconds: float) -> None:
+        """Skip the source for ``seconds`` (the breaker); said once in the log, not once per request."""
+        until = time.monotonic() + seconds
+        if until > self._down_until:
+            if time.monotonic() >= self._down_until:
+                log.warning("prevout lookups at %s paused for %.0f s: %s", self.source, seconds, reason)
+            self._down_until = until
+            self._down_reason = reason
+
+    def _remember_not_found(self, txid: str, reason: str) -> None:
+        ttl = self.settings.api_prevout_not_found_ttl_s
+        if ttl <= 0:
+            return
+        self._not_found[txid] = (time.monotonic() + ttl, reason)
+        self._not_found.move_to_end(txid)
+        if len(self._not_found) > _NOT_FOUND_SIZE:
+            self._not_found.popitem(last=False)
+
     def _skip(self, result: Resolution, txids: list[str], reason: str) -> None:
         if txids:
             API_PREVOUT_LOOKUPS.labels(result="skipped").inc(len(txids))
@@ -118,10 +146,16 @@ class PrevoutResolver:
             except FetchError as exc:
                 if exc.kind == "http_4xx":
                     API_PREVOUT_LOOKUPS.labels(result="not_found").inc()
-                    return None, f"parent {txid[:16]}… not found at {self.source} ({exc})"
+                    reason = f"parent {txid[:16]}… not found at {self.source} ({exc})"
+                    self._remember_not_found(txid, reason)
+                    return None, reason
+                if exc.kind == "http_429":
+                    pause = _DOWN_S if exc.retry_after is None else exc.retry_after
+                    self._open(f"rate limited (HTTP 429), paused for {pause:.0f} s", pause)
+                    API_PREVOUT_LOOKUPS.labels(result="rate_limited").inc()
+                    return None, f"parent {txid[:16]}… not looked up: {self.source} rate limited (HTTP 429)"
                 if exc.kind == "connect":
-                    self._down_until = time.monotonic() + _DOWN_S
-                    self._down_reason = str(exc)[:200]
+                    self._open(str(exc)[:200], _DOWN_S)
                 API_PREVOUT_LOOKUPS.labels(result="failed").inc()
                 return None, f"parent {txid[:16]}… lookup failed: {exc}"[:300]
         outputs = parse_rawtx_outputs(body, txid)
