@@ -8,7 +8,7 @@ tiled to 100,000; one transaction is the sample's median row. Cases are interlea
 the median of their repeats; ``cost`` is all detectors' time divided by the forest's (goal: at most 2x).
 The detector parts are also timed alone on the 100k batch (their inputs precomputed).
 
-    python -m bench.bench_detectors [--repeats R]
+    python -m bench.bench_detectors [--repeats R] [--rows N]
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def _seconds(fn: Callable[[], Any], inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def main(repeats: int = 7) -> list[dict[str, Any]]:
+def main(repeats: int = 7, rows: int = BATCH) -> list[dict[str, Any]]:
+    """``rows``: size of the big batch (the table's "100k" columns; smaller for the smoke test)."""
     records = [orjson.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()]
     txs = pd.DataFrame(records)
     bundle, _ = fit_bundle(compute_features(txs), Settings())
     model = ChampionModel(bundle=bundle, name="bench", version="0", run_id=None)
     settings = Settings(watchlist_dir=LABELS)
     tx_one = txs.iloc[[len(txs) // 2]]
-    tx_big = pd.concat([txs] * (-(-BATCH // len(txs))), ignore_index=True).iloc[:BATCH]
+    tx_big = pd.concat([txs] * (-(-rows // len(txs))), ignore_index=True).iloc[:rows]
     t0 = time.perf_counter()
     watchlist = load_watchlist(LABELS)
     load_s = time.perf_counter() - t0
@@ -84,28 +85,28 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
         for name, fn in parts.items():
             part_t[name].append(_seconds(fn))
     base1, baseb = statistics.median(one["forest only"]), statistics.median(big["forest only"])
-    rows: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for name in cases:
         t1, tb = statistics.median(one[name]), statistics.median(big[name])
-        rows.append(
+        out.append(
             {
                 "case": f"score_frame, {name}",
                 "1 tx (ms)": round(t1 * 1e3, 3),
                 "1 tx cost": round(t1 / base1, 2),
                 "100k tx (ms)": round(tb * 1e3, 1),
                 "100k cost": round(tb / baseb, 2),
-                "100k tx/s": int(BATCH / tb),
+                "100k tx/s": int(rows / tb),
             }
         )
     for name, ts in part_t.items():
-        rows.append({"case": f"part: {name}", "100k tx (ms)": round(statistics.median(ts) * 1e3, 1)})
-    rows.append(
+        out.append({"case": f"part: {name}", "100k tx (ms)": round(statistics.median(ts) * 1e3, 1)})
+    out.append(
         {
             "case": f"watchlist load ({len(watchlist):,} addresses, once per process)",
             "1 tx (ms)": round(load_s * 1e3),
         }
     )
-    return rows
+    return out
 
 
 if __name__ == "__main__":
@@ -113,5 +114,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=BATCH, help="big batch size (smoke test: small)")
     args = parser.parse_args()
-    print(format_table(main(args.repeats)))
+    print(format_table(main(args.repeats, args.rows)))

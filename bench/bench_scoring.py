@@ -16,7 +16,7 @@ time divided by the case's (higher = faster than sklearn).
 * ``score_frame``: canonical transactions in → features, both forests, reasons for the anomalies out
   (what the stream and the API run), on the sample's raw transactions (1 tx; 100k = sample tiled).
 
-    python -m bench.bench_scoring [--repeats R]
+    python -m bench.bench_scoring [--repeats R] [--rows N]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def _pyfuncs(bundle: ModelBundle, example: pd.DataFrame, tmp: Path) -> tuple[Any
         return mlflow.pyfunc.load_model(str(tmp / "sk")), mlflow.pyfunc.load_model(str(tmp / "ours"))
 
 
-def main(repeats: int = 7) -> list[dict[str, Any]]:
+def main(repeats: int = 7, batch: int = BATCH) -> list[dict[str, Any]]:
+    """``batch``: size of the big batch (the table's "100k" columns; smaller for the smoke test)."""
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     records = [orjson.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()]
     txs = pd.DataFrame(records)
@@ -92,15 +93,15 @@ def main(repeats: int = 7) -> list[dict[str, Any]]:
     matrix = features[FEATURES_FULL].dropna().to_numpy(np.float64)
     clipped = det.parts(matrix, bundle.market_reference).forest_input
     full = pd.DataFrame(clipped, columns=det.forest_feature_names)
-    reps = -(-BATCH // len(full))
-    big = pd.concat([full] * reps, ignore_index=True).iloc[:BATCH]
+    reps = -(-batch // len(full))
+    big = pd.concat([full] * reps, ignore_index=True).iloc[:batch]
     one = full.iloc[[len(full) // 2]]
     X_big, X_one = big.to_numpy(np.float32), one.to_numpy(np.float32)
-    M_big = np.concatenate([matrix] * reps)[:BATCH]
+    M_big = np.concatenate([matrix] * reps)[:batch]
     M_one = matrix[[len(matrix) // 2]]
     example = features[FEATURES_FULL].dropna().iloc[:5].reset_index(drop=True)
     tx_one = txs.iloc[[len(txs) // 2]]
-    tx_big = pd.concat([txs] * (-(-BATCH // len(txs))), ignore_index=True).iloc[:BATCH]
+    tx_big = pd.concat([txs] * (-(-batch // len(txs))), ignore_index=True).iloc[:batch]
     model = ChampionModel(bundle=bundle, name="bench", version="0", run_id=None)
     settings = Settings()
 
@@ -178,5 +179,6 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rows", type=int, default=BATCH, help="big batch size (smoke test: small)")
     args = parser.parse_args()
-    print(format_table(main(args.repeats)))
+    print(format_table(main(args.repeats, args.rows)))
