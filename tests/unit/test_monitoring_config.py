@@ -142,7 +142,9 @@ def test_promtool_check_and_unit_test_rules() -> None:
     promtool = tool("promtool")
     out = run(promtool, "check", "rules", "alerts.yml", cwd=PROM_DIR)
     # Every rule of the file is loaded (a rule promtool skips would be counted short).
-    rules = sum(len(group["rules"]) for group in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"])
+    rules = sum(
+        len(group["rules"]) for group in yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
+    )
     assert f"SUCCESS: {rules} rules found" in out
     run(promtool, "test", "rules", "alerts.test.yml", cwd=PROM_DIR)
 
