@@ -23,7 +23,7 @@ Cases (the body is a real sample transaction; batches are 1,000 sample transacti
   time, so queueing counts), errors = non-200 answers + transport errors.
 * ``RSS``: resident memory of each server process after the load (USS = memory unique to it).
 
-    python -m bench.bench_api [--quick]
+    python -m bench.bench_api [--quick | --smoke] [--mlflow-uri URL]
 """
 
 from __future__ import annotations
@@ -320,16 +320,18 @@ def _row(case: str, target: str, times: list[float] | None = None, **extra: Any)
 # --- main ----------------------------------------------------------------------------------------------
 
 
-def _champion(stack: ExitStack, tmp: Path) -> Settings:
+def _champion(stack: ExitStack, tmp: Path, mlflow_uri: str | None = None) -> Settings:
     import pyarrow as pa
     from deltalake import write_deltalake
 
     from btc_anomaly.model.train import train
     from btc_anomaly.schema import Transaction, arrow_schema
 
-    server = MlflowServer(data_dir=tmp / "mlflow", port=free_port())
-    server.start(timeout_s=180)
-    stack.callback(server.stop)
+    if mlflow_uri is None:
+        server = MlflowServer(data_dir=tmp / "mlflow", port=free_port())
+        server.start(timeout_s=180)
+        stack.callback(server.stop)
+        mlflow_uri = server.url
     rows = [
         Transaction.model_validate_json(line).model_dump()
         for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()
@@ -338,7 +340,7 @@ def _champion(stack: ExitStack, tmp: Path) -> Settings:
     settings = Settings(
         state_dir=tmp / "state",
         lake_root=tmp / "lake",
-        mlflow_tracking_uri=server.url,
+        mlflow_tracking_uri=mlflow_uri,
         model_name=f"bench-api-{uuid.uuid4().hex[:6]}",
     )
     result = train(settings, decided_by="bench", progress=False)
@@ -347,10 +349,14 @@ def _champion(stack: ExitStack, tmp: Path) -> Settings:
     return settings
 
 
-def main(quick: bool = False) -> list[dict[str, Any]]:
+def main(quick: bool = False, smoke: bool = False, mlflow_uri: str | None = None) -> list[dict[str, Any]]:
+    """``smoke``: every case at a tiny size, batches of 20, the numba server left out (its JIT warm-up
+    is most of its cost): that the benchmark runs, not its figures. ``mlflow_uri``: a running MLflow
+    server to register the champion in instead of starting one."""
     records = [orjson.loads(line) for line in gzip.decompress(SAMPLE.read_bytes()).splitlines()]
     one = orjson.dumps(records[len(records) // 2])
-    batch = orjson.dumps(records[:1000])
+    batch_n = 20 if smoke else 1000
+    batch = orjson.dumps(records[:batch_n])
     summary = orjson.dumps(
         [
             {
@@ -363,19 +369,20 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
                 "input_value": r["input_value"],
                 "output_value": r["output_value"],
             }
-            for r in records[:1000]
+            for r in records[:batch_n]
         ]
     )
-    n_single, warm = (500, 100) if quick else (3000, 300)
-    n_batch = 10 if quick else 40
-    wrk_s = 5 if quick else 15
-    sustained_s = 10 if quick else 60
+    n_single, warm = (20, 5) if smoke else (500, 100) if quick else (3000, 300)
+    n_batch = 2 if smoke else 10 if quick else 40
+    wrk_s = 1 if smoke else 5 if quick else 15
+    sustained_s = 1 if smoke else 10 if quick else 60
+    configs = ((1, "numpy"), (2, "numpy")) if smoke else ((1, "numpy"), (1, "numba"), (2, "numpy"))
     have_wrk = shutil.which("wrk") is not None
     rows: list[dict[str, Any]] = []
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp_name, ExitStack() as stack:
         tmp = Path(tmp_name)
-        settings = _champion(stack, tmp)
+        settings = _champion(stack, tmp, mlflow_uri)
         load_at_start, probe_at_start = os.getloadavg()[0], speed_probe_ms()
 
         def throughput(port: int, path: str, target: str) -> None:
@@ -399,12 +406,12 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
             times, errors = sequential(port, _request("/predict", one), n_single, warm)
             rows.append(_row("single tx, sequential keep-alive", "naive (1 worker)", times, errors=errors))
             # ~10 s per request (sklearn per row): a few are enough.
-            times, errors = sequential(port, _request("/predict/batch", batch), 3, 1)
-            rows.append(_row("batch 1,000 canonical", "naive (1 worker)", times, errors=errors))
+            times, errors = sequential(port, _request("/predict/batch", batch), 1 if smoke else 3, 1)
+            rows.append(_row(f"batch {batch_n:,} canonical", "naive (1 worker)", times, errors=errors))
             throughput(port, "/predict", "naive (1 worker)")
             rows.append(_row("RSS after load", "naive (1 worker)", **_mem(_rss(pid))))
 
-        for workers, backend in ((1, "numpy"), (1, "numba"), (2, "numpy")):
+        for workers, backend in configs:
             port, proc = ours(settings, tmp, workers, backend)
             with proc as pid:
                 target = f"ours ({workers} worker{'s' if workers > 1 else ''}, {backend})"
@@ -412,9 +419,9 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
                 rows.append(_row("single tx, sequential keep-alive", target, times, errors=errors))
                 if workers == 1:
                     times, errors = sequential(port, _request("/predict", batch), n_batch, 3)
-                    rows.append(_row("batch 1,000 canonical", target, times, errors=errors))
+                    rows.append(_row(f"batch {batch_n:,} canonical", target, times, errors=errors))
                     times, errors = sequential(port, _request("/predict", summary), n_batch, 3)
-                    rows.append(_row("batch 1,000 8-field", target, times, errors=errors))
+                    rows.append(_row(f"batch {batch_n:,} 8-field", target, times, errors=errors))
                 throughput(port, "/predict", target)
                 if workers == 2:
                     times, errors = open_loop(port, _request("/predict", one), 500, sustained_s)
@@ -448,6 +455,8 @@ if __name__ == "__main__":
     from bench.run_all import format_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Short runs (a smoke test of the benchmark).")
+    parser.add_argument("--quick", action="store_true", help="Short runs (a few minutes).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny runs: that it works, not figures.")
+    parser.add_argument("--mlflow-uri", help="a running MLflow server to use instead of starting one")
     args = parser.parse_args()
-    print(format_table(main(args.quick)))
+    print(format_table(main(args.quick, args.smoke, args.mlflow_uri)))

@@ -28,7 +28,8 @@ A single-node broker is started on free ports in a temporary folder and the stre
 Every backfill case runs once untimed on a topic of the same size first, so none pays the JVM's
 warm-up: with 20,000 warm-up records the first timed case still ran ~25 % slower than a second run.
 
-    python -m bench.bench_stream [--messages N] [--max-offsets N] [--rate R] [--seconds S]
+    python -m bench.bench_stream [--messages N] [--max-offsets N] [--rate R] [--seconds S] [--only PART]
+        [--bootstrap HOST:PORT] [--no-warmup]
 """
 
 from __future__ import annotations
@@ -323,17 +324,18 @@ def _latency(
 
 
 def _backfill_rows(
-    spark: Any, base: Settings, bootstrap: str, suffix: str, messages: int
+    spark: Any, base: Settings, bootstrap: str, suffix: str, messages: int, warmup: bool = True
 ) -> list[dict[str, Any]]:
-    warm = _topic(bootstrap, f"bench.warm.{suffix}")
-    _publish_looped(bootstrap, warm, messages)
     big = _topic(bootstrap, f"bench.backfill.{suffix}")
     publish_s = _publish_looped(bootstrap, big, messages)
     log.warning("published %d messages in %.1f s", messages, publish_s)
-    _merge_backfill(spark, _settings(base, warm, "warm-merge"))
-    _merge_backfill(spark, _settings(base, warm, "warm-merge-only"), "merge-only")
-    _append_backfill(spark, _settings(base, warm, "warm-append"))
-    _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), dedup=True)
+    if warmup:
+        warm = _topic(bootstrap, f"bench.warm.{suffix}")
+        _publish_looped(bootstrap, warm, messages)
+        _merge_backfill(spark, _settings(base, warm, "warm-merge"))
+        _merge_backfill(spark, _settings(base, warm, "warm-merge-only"), "merge-only")
+        _append_backfill(spark, _settings(base, warm, "warm-append"))
+        _append_backfill(spark, _settings(base, warm, "warm-state-dedup"), dedup=True)
     rows: list[dict[str, Any]] = []
     load = os.getloadavg()[0]
 
@@ -419,25 +421,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--sinks", default=",".join(SINKS), help=f"latency cases to run, of {', '.join(SINKS)}"
     )
+    parser.add_argument("--bootstrap", help="use this running broker instead of starting one")
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="skip the untimed warm-up backfills (smoke test only)"
+    )
     args = parser.parse_args(argv or [])
     logging.basicConfig(level=logging.WARNING)
 
     from btc_anomaly.processing.spark_session import build_session
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    broker = KafkaBroker(
-        data_dir=workdir / "kafka",
-        jars_root=PROJECT_ROOT / ".jars",
-        port=free_port(),
-        controller_port=free_port(),
-        heap="512m",
-    )
-    broker.start(timeout_s=120)
+    broker = None
+    if args.bootstrap is None:
+        broker = KafkaBroker(
+            data_dir=workdir / "kafka",
+            jars_root=PROJECT_ROOT / ".jars",
+            port=free_port(),
+            controller_port=free_port(),
+            heap="512m",
+        )
+        broker.start(timeout_s=120)
+    bootstrap = args.bootstrap or broker.bootstrap  # type: ignore[union-attr]
     rows: list[dict[str, Any]] = []
     try:
         base = Settings(
             state_dir=workdir / "state",
-            kafka_bootstrap=broker.bootstrap,
+            kafka_bootstrap=bootstrap,
             spark_master="local[2]",
             spark_shuffle_partitions=4,
             stream_max_offsets_per_trigger=args.max_offsets,
@@ -446,12 +455,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         suffix = uuid.uuid4().hex[:6]
         spark = build_session(base, app_name="bench-stream")
         if args.only != "latency":
-            rows += _backfill_rows(spark, base, broker.bootstrap, suffix, args.messages)
+            rows += _backfill_rows(spark, base, bootstrap, suffix, args.messages, not args.no_warmup)
         for sink in () if args.only == "backfill" else args.sinks.split(","):
             name = f"latency-{sink}"
             latency_settings = _settings(
                 base,
-                _topic(broker.bootstrap, f"bench.{name}.{suffix}"),
+                _topic(bootstrap, f"bench.{name}.{suffix}"),
                 name,
                 stream_trigger_s=args.trigger,
                 stream_max_offsets_per_trigger=200_000,
@@ -474,7 +483,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
         spark.stop()
     finally:
-        broker.stop()
+        if broker is not None:
+            broker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
