@@ -2,14 +2,17 @@
 
 The stack: the session Kafka broker and MLflow server; ``btc-anomaly produce`` replaying the bundled
 sample in a loop; ``btc-anomaly train --every 1h`` (one run: register, gate, champion); ``btc-anomaly api``
-serving that champion and answering a little traffic; ``btc-anomaly dashboard --demo`` with one Dash
-callback triggered; ``btc-anomaly stream`` when cli.py has it. Prometheus (Debian binary) scrapes them
-every second with the committed alert rules, ProducerStalled's threshold shortened to seconds.
+serving that champion and answering a little traffic; ``btc-anomaly dashboard`` over a demo lake with one
+Dash callback triggered; ``btc-anomaly stream``; ``btc-anomaly detect`` over the demo lake. Prometheus
+(Debian binary) scrapes every job every second with the committed alert rules, ProducerStalled's threshold
+shortened to seconds.
 
 Then every PromQL expression of grafana/dashboards/*.json and monitoring/prometheus/alerts.yml runs
 through Prometheus' HTTP API and must return data (alert expressions with ``bool`` comparisons, so they
-answer 0/1 instead of nothing while not firing). Expressions of services that cannot run yet are xfail
-with the reason. Finally the producer is stopped and BtcProducerStalled must go pending/firing.
+answer 0/1 instead of nothing while not firing). Nothing is expected to fail: a service whose CLI command
+is gone, or whose log shows a panic (delta-rs' "Forked process detected" in the dashboard's gunicorn
+workers, any Rust "panicked at"), fails the tests that depend on it with the log excerpt. Finally the
+producer is stopped and BtcProducerStalled must go pending/firing.
 """
 
 from __future__ import annotations
@@ -53,16 +56,10 @@ GRAFANA_DASHBOARDS = PROJECT_ROOT / "grafana" / "dashboards"
 RATE_INTERVAL = "15s"  # Grafana's $__rate_interval for a 1 s scrape interval, with margin
 STALL_AFTER_S = 8  # the test's BtcProducerStalled threshold (300 s in alerts.yml)
 DATA_DEADLINE_S = 150.0  # after the services are up, for every expression to return data
-# Failures of other components this test has run into, recognised in a service's log: that service's
-# expressions become xfail with the reason instead of failing this file (the test is strict again as soon
-# as the log no longer shows it).
-KNOWN_FAILURES = {
-    "dashboard": (
-        "Forked process detected",
-        "dashboard workers crash: the Delta table is opened in gunicorn's master before it forks and "
-        "deltalake's tokio runtime panics in the worker ('Forked process detected'), so /metrics never answers",
-    ),
-}
+# Lines of a service log that mean it crashed inside a native library: a panic fails that service's tests
+# with the excerpt (delta-rs panics with "Forked process detected" when a table opened in gunicorn's
+# master is used in a forked worker: the dashboard's start-up is built to avoid exactly that).
+PANICS = ("Forked process detected", "panicked at")
 
 
 def _cli_commands() -> set[str]:
@@ -73,17 +70,14 @@ def _cli_commands() -> set[str]:
 
 
 COMMANDS = _cli_commands()
-# Which job exports which metric prefix (catalogue.service_of); the notifier runs inside api/stream.
-RUNNABLE = {
-    "producer": "produce" in COMMANDS,
-    "trainer": "train" in COMMANDS,
-    "api": "api" in COMMANDS,
-    "dashboard": "dashboard" in COMMANDS,
-    "stream": "stream" in COMMANDS,
-}
-NOT_RUNNABLE_REASON = {
-    "stream": "no `btc-anomaly stream` command in cli.py yet (processing/stream.py has run_stream): "
-    "nothing exports btc_stream_* series",
+# The CLI command each scrape job runs (every job of prometheus_config.JOBS).
+SERVICE_COMMANDS = {
+    "producer": "produce",
+    "trainer": "train",
+    "api": "api",
+    "dashboard": "dashboard",
+    "stream": "stream",
+    "detect": "detect",
 }
 
 
@@ -103,20 +97,14 @@ def _services(q: promql.Query) -> set[str | None]:
     return {service_of(name) for name in promql.metric_names(q.expr)}
 
 
-def _missing_services(q: promql.Query) -> list[str]:
-    return sorted(s for s in _services(q) if s in RUNNABLE and not RUNNABLE[s])
-
-
 def _params() -> list[Any]:
-    params = []
-    for q in _queries():
-        missing = _missing_services(q)
-        marks = []
-        if missing:
-            reason = "; ".join(NOT_RUNNABLE_REASON.get(s, f"{s} cannot run yet") for s in missing)
-            marks.append(pytest.mark.xfail(reason=reason, strict=False))
-        params.append(pytest.param(q, id=f"{q.kind}:{q.where}", marks=marks))
-    return params
+    return [pytest.param(q, id=f"{q.kind}:{q.where}") for q in _queries()]
+
+
+def test_every_scrape_job_has_its_cli_command() -> None:
+    assert set(SERVICE_COMMANDS) == set(pc.JOBS)
+    missing = {job: cmd for job, cmd in SERVICE_COMMANDS.items() if cmd not in COMMANDS}
+    assert not missing, f"scrape jobs whose `btc-anomaly` command is gone from cli.py: {missing}"
 
 
 # --- processes -----------------------------------------------------------------------------------------
@@ -149,19 +137,27 @@ class Stack:
     ports: dict[str, int]
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
-    broken: dict[str, str] = field(default_factory=dict)  # job -> known failure (KNOWN_FAILURES)
+    panicked: dict[str, str] = field(default_factory=dict)  # job -> log excerpt around its first panic
 
-    def find_known_failures(self) -> None:
-        for job, (needle, reason) in KNOWN_FAILURES.items():
-            proc = self.procs.get(job)
-            if proc is not None and job not in self.broken and needle in proc.log.read_text(errors="replace"):
-                self.broken[job] = reason
+    def find_panics(self) -> None:
+        for job, proc in self.procs.items():
+            if job in self.panicked:
+                continue
+            text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
+            at = min((i for i in (text.find(n) for n in PANICS) if i >= 0), default=-1)
+            if at >= 0:
+                self.panicked[job] = text[max(0, at - 1500) : at + 1500]
                 proc.stop()  # a crash loop only steals the other services' CPU
 
-    def xfail_if_broken(self, jobs: set[str | None]) -> None:
-        reasons = [self.broken[j] for j in sorted(j for j in jobs if j in self.broken)]
-        if reasons:
-            pytest.xfail("; ".join(reasons))
+    def fail_if_panicked(self, jobs: set[str | None]) -> None:
+        """Fail (never skip) when a service the caller depends on panicked, with its log."""
+        self.find_panics()
+        hit = sorted(j for j in jobs if j in self.panicked)
+        if hit:
+            pytest.fail(
+                "\n".join(f"{j} panicked:\n{self.panicked[j]}" for j in hit),
+                pytrace=False,
+            )
 
     def logs(self) -> str:
         parts = [f"--- prometheus ---\n{self.prometheus.log_tail()}"]
@@ -335,32 +331,42 @@ def stack(
             ),
             folder,
         )
-        if RUNNABLE["dashboard"]:
-            from btc_anomaly.dashboard.demo import write_demo_lake
+        from btc_anomaly.dashboard.demo import write_demo_lake
 
-            # The bundled sample scored by a model fitted in this process: a lake the dashboard can show.
-            write_demo_lake(folder / "demo")
-            procs["dashboard"] = _spawn(
-                "dashboard",
-                ["dashboard", "--port", str(ports["dashboard"])],
-                _env(folder, **{**common, "lake_root": folder / "demo"}),
+        # The bundled sample scored by a model fitted in this process: a lake the dashboard can show and
+        # detect can poll (detect writes its own tables there, as in the compose stack's shared lake).
+        write_demo_lake(folder / "demo")
+        procs["dashboard"] = _spawn(
+            "dashboard",
+            ["dashboard", "--port", str(ports["dashboard"])],
+            _env(folder, **{**common, "lake_root": folder / "demo"}),
+            folder,
+        )
+        procs["stream"] = _spawn(
+            "stream",
+            ["stream"],
+            # model_reload_s: the scoring query (btc_stream_predictions_total) starts soon after
+            # the trainer's champion appears.
+            _env(
                 folder,
-            )
-        if RUNNABLE["stream"]:
-            procs["stream"] = _spawn(
-                "stream",
-                ["stream"],
-                # model_reload_s: the scoring query (btc_stream_predictions_total) starts soon after
-                # the trainer's champion appears.
-                _env(
-                    folder,
-                    **common,
-                    stream_metrics_port=ports["stream"],
-                    spark_driver_memory="1g",
-                    model_reload_s=5,
-                ),
+                **common,
+                stream_metrics_port=ports["stream"],
+                spark_driver_memory="1g",
+                model_reload_s=5,
+            ),
+            folder,
+        )
+        procs["detect"] = _spawn(
+            "detect",
+            ["detect"],
+            _env(
                 folder,
-            )
+                **{**common, "lake_root": folder / "demo"},
+                detect_metrics_port=ports["detect"],
+                detect_poll_s=2,
+            ),
+            folder,
+        )
         jobs = [pc.Job(job, f"127.0.0.1:{ports[job]}", job) for job in pc.JOBS]
         config = folder / "prometheus.yml"
         config.write_text(
@@ -396,14 +402,13 @@ def stack(
         assert _http(f"{api}/predict/raw", [raw, "00zz"])[0] == 200
         assert _http(f"{api}/no-such-route")[0] == 404
         assert _http(f"{api}/predict", {"hash": "x"})[0] == 422
-        if "dashboard" in procs:
-            base = f"http://127.0.0.1:{ports['dashboard']}"
-            _wait("the dashboard", lambda: _http(f"{base}/healthz", timeout=5)[0] == 200, 240, stack.logs)
-            try:
-                _trigger_dash_callback(base)
-            except (ValueError, KeyError, StopIteration) as exc:
-                # Its expressions then have no callback data and say so; the other services still count.
-                print(f"could not trigger a Dash callback: {exc!r}")
+        base = f"http://127.0.0.1:{ports['dashboard']}"
+        _wait("the dashboard", lambda: _http(f"{base}/healthz", timeout=5)[0] == 200, 240, stack.logs)
+        try:
+            _trigger_dash_callback(base)
+        except (ValueError, KeyError, StopIteration) as exc:
+            # Its expressions then have no callback data and fail with that; the other services still count.
+            print(f"could not trigger a Dash callback: {exc!r}")
         yield stack
     finally:
         for proc in procs.values():
@@ -418,10 +423,9 @@ def evaluated(stack: Stack) -> Stack:
     queries = _queries()
     deadline = time.monotonic() + DATA_DEADLINE_S
     while True:
-        stack.find_known_failures()
-        expected = {
-            q.where for q in queries if not _missing_services(q) and not (_services(q) & set(stack.broken))
-        }
+        stack.find_panics()
+        # A panicked service's expressions will not get data: their tests fail with its log, at once.
+        expected = {q.where for q in queries if not (_services(q) & set(stack.panicked))}
         for q in queries:
             if stack.results.get(q.where):
                 continue
@@ -438,9 +442,14 @@ def evaluated(stack: Stack) -> Stack:
 def test_every_target_is_scraped(evaluated: Stack) -> None:
     targets = evaluated.prometheus.api("targets")["activeTargets"]
     health = {t["labels"]["job"]: t["health"] for t in targets}
-    down = {job for job, running in RUNNABLE.items() if running and health.get(job) != "up"}
-    assert not down - set(evaluated.broken), f"not scraped: {down}\n{evaluated.logs()}"
-    evaluated.xfail_if_broken(down)
+    assert set(health) == set(pc.JOBS)
+    down = {job for job in pc.JOBS if health.get(job) != "up"}
+    evaluated.fail_if_panicked(set(down))
+    assert not down, f"not scraped: {down}\n{evaluated.logs()}"
+
+
+def test_no_service_panicked(evaluated: Stack) -> None:
+    evaluated.fail_if_panicked(set(evaluated.procs))
 
 
 def test_every_rule_evaluates_without_error(evaluated: Stack) -> None:
@@ -457,7 +466,7 @@ def test_expression_returns_data(evaluated: Stack, query: promql.Query) -> None:
     assert error is None, f"{query.where}: Prometheus rejected {runnable_expr(query)!r}: {error}"
     result = evaluated.results.get(query.where)
     if not result:
-        evaluated.xfail_if_broken(_services(query))
+        evaluated.fail_if_panicked(_services(query))
     assert result, f"{query.where}: no data for {runnable_expr(query)!r}"
 
 
@@ -470,6 +479,7 @@ OWNER_JOBS = {
     "trainer": {"trainer"},
     "api": {"api"},
     "dashboard": {"dashboard"},
+    "detect": {"detect"},
     "notifier": {"api", "stream"},  # runs inside the scoring services
 }
 
@@ -483,17 +493,7 @@ def _metric_params() -> list[Any]:
     names = sorted(
         {n for q in _queries() for n in promql.metric_names(q.expr) if service_of(n) in OWNER_JOBS}
     )
-    params = []
-    for name in names:
-        service = service_of(name)
-        owners = OWNER_JOBS[service]
-        marks = []
-        if not any(RUNNABLE.get(job, True) for job in owners):
-            marks.append(
-                pytest.mark.xfail(reason=NOT_RUNNABLE_REASON.get(service, f"{service} cannot run yet"))
-            )
-        params.append(pytest.param(name, id=name, marks=marks))
-    return params
+    return [pytest.param(name, id=name) for name in names]
 
 
 @pytest.mark.parametrize("metric", _metric_params())
@@ -504,7 +504,7 @@ def test_metric_is_exported_by_its_service(evaluated: Stack, metric: str) -> Non
     if not jobs and metric in EVENT_ONLY:
         pytest.skip(EVENT_ONLY[metric])
     if not jobs & owners:
-        evaluated.xfail_if_broken(set(owners))
+        evaluated.fail_if_panicked(set(owners))
     assert jobs & owners, f"{metric} is exported by {sorted(j for j in jobs if j)}, not by {sorted(owners)}"
 
 
