@@ -78,7 +78,7 @@ def _client(settings: Settings, *, model: bool = True) -> TestClient:
     app = create_app(settings, watch_model=False)
     if model:
         app.state.ctx.holder.install(served_sample_model())
-    return TestClient(app)
+    return TestClient(app, base_url="http://localhost")  # a Host in the default allowed_hosts
 
 
 @pytest.fixture
@@ -204,6 +204,25 @@ def test_raw_resolves_prevouts_from_blockchain_com(client: TestClient) -> None:
         assert item["summary"]["fee"] > 0
 
 
+def test_operator_setting_caps_the_request_flag(
+    tmp_path: Path, lake: Path, blockchain: FakeBlockchainCom
+) -> None:
+    settings = _settings(
+        tmp_path, lake_root=lake, blockchain_base_url=blockchain.base_url, api_resolve_prevouts=False
+    )
+    before = blockchain.count("/rawtx")
+    with _client(settings) as c:
+        r = c.post("/predict/raw?resolve_prevouts=true", json=[historical_cases()[0]["transaction"], TX_HEX])
+        assert r.status_code == 200 and r.headers["X-Prevout-Lookups"] == "disabled"
+        for item in r.json():
+            assert item["prevouts"]["requested"] is False and item["prevouts"]["resolved"] == 0
+            assert "disabled on this server" in item["prevouts"]["error"]
+            assert item["model_kind"] == "structural"
+        plain = c.post("/predict/raw", json=[TX_HEX])
+        assert "X-Prevout-Lookups" not in plain.headers and plain.json()[0]["prevouts"]["error"] is None
+    assert blockchain.count("/rawtx") == before, "no lookup left the server"
+
+
 def test_raw_without_reachable_source_says_what_is_missing(tmp_path: Path) -> None:
     with _client(_settings(tmp_path)) as c:
         r = c.post("/predict/raw", json=[historical_cases()[0]["transaction"]])
@@ -264,6 +283,42 @@ def test_ready_needs_the_lake(tmp_path: Path) -> None:
         r = c.get("/ready")
         assert r.status_code == 503
         assert any("lake" in m for m in r.json()["missing"])
+        assert str(tmp_path) not in r.text, "no filesystem path in /ready"
+
+
+def test_ready_says_what_is_missing_not_where_or_the_upstream_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lake = tmp_path / "lake"
+    (lake / "scored_transactions" / "_delta_log").mkdir(parents=True)
+    (lake / "scored_transactions" / "_delta_log" / "00000000000000000000.json").write_text(
+        "not a delta log\n"
+    )
+    with _client(_settings(tmp_path), model=False) as c:
+        c.app.state.ctx.holder.check()  # the registry (127.0.0.1:9) is down: the holder's error has its URL
+        assert "127.0.0.1:9" in (c.app.state.ctx.holder.last_error or "")
+        r = c.get("/ready")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["missing"] == ["model not loaded: model registry unreachable (details in the API log)"]
+        assert body["lake"]["table_error"].startswith("the scored table cannot be read")
+        for leaked in (str(tmp_path), "127.0.0.1:9", "http://", "Error", "delta log"):
+            assert leaked not in r.text, leaked
+    assert str(lake / "scored_transactions") in caplog.text, "the path goes to the log instead"
+
+
+def test_host_header_outside_allowed_hosts_is_400(tmp_path: Path, lake: Path) -> None:
+    settings = _settings(tmp_path, lake_root=lake, allowed_hosts="localhost,api")
+    with _client(settings) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"Host": "api:5001"}).status_code == 200
+        for host in ("evil.example", "127.0.0.1.evil.example", "localhost.evil.example:5001"):
+            r = c.post("/predict", json=RECORDS[0], headers={"Host": host})
+            assert r.status_code == 400, host
+    with _client(_settings(tmp_path, lake_root=lake, allowed_hosts="*")) as c:
+        assert c.get("/health", headers={"Host": "anything.example"}).status_code == 200
+    defaults = Settings().allowed_host_list
+    assert {"localhost", "127.0.0.1", "api", "dashboard"} <= set(defaults), "local runs and compose names"
 
 
 def test_model_description(client: TestClient) -> None:

@@ -64,7 +64,7 @@ def client(tmp_path: Path, lake: Path) -> Iterator[TestClient]:
     )
     app = create_app(settings, watch_model=False)
     app.state.ctx.holder.install(served_sample_model())
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         yield c
 
 
@@ -95,7 +95,7 @@ def test_detectors_off_gives_the_api_and_the_stream_the_same_forest_only_risk(tm
     app = create_app(settings, watch_model=False)
     app.state.ctx.holder.install(served)
     records = [BY_HASH[OFAC_SPENDER], BY_HASH[FEE_BURN], *RECORDS[:30]]
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         out = c.post("/predict", json=records).json()
     stream = score_frame(pd.DataFrame(records), served.model, settings=settings)
     for got, want in zip(out, stream.to_dict("records"), strict=True):

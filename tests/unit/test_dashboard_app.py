@@ -247,3 +247,14 @@ def test_the_dashboard_never_imports_pyspark() -> None:
         "assert 'pyspark' not in sys.modules, 'pyspark imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_host_header_outside_allowed_hosts_is_400(tmp_path: Path) -> None:
+    client = create_app(_settings(tmp_path)).server.test_client()
+    for base in ("http://localhost", "http://127.0.0.1:8050", "http://dashboard:8050"):
+        assert client.get("/healthz", base_url=base).status_code == 200, base
+    for base in ("http://evil.example", "http://dashboard.evil.example:8050"):
+        assert client.get("/", base_url=base).status_code == 400, base
+        assert client.get("/healthz", base_url=base).status_code == 400, base
+    anyone = create_app(_settings(tmp_path, allowed_hosts="*")).server.test_client()
+    assert anyone.get("/healthz", base_url="http://evil.example").status_code == 200

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from btc_anomaly import __version__ as _package_version
 from btc_anomaly.api import errors, routes_lake, routes_ops, routes_predict
@@ -81,6 +82,10 @@ def create_app(settings: Settings | None = None, *, watch_model: bool = True) ->
     )
     app.state.ctx = ctx
     errors.install(app)
+    # A Host header outside allowed_hosts gets a 400 before any route runs (DNS rebinding: a page on another
+    # site that resolves its own name to 127.0.0.1 cannot drive the API from a browser). Added before the
+    # metrics middleware, which wraps it: refused requests are counted.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_host_list or ["*"])
     app.add_middleware(MetricsMiddleware)
     app.include_router(routes_predict.router())
     app.include_router(routes_lake.router(settings))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -18,6 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from btc_anomaly.api.model_holder import ModelHolder
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,16 @@ def field_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)
         {"type": e["type"], "loc": [*prefix, *e["loc"]], "msg": e["msg"]}
         for e in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
+
+
+def model_status(holder: ModelHolder) -> str:
+    """Why no model is served, for /ready and the 503 bodies: ``holder.status()`` without the registry's
+    exception text (URLs, paths, server messages), which the holder logs when it happens."""
+    if holder.current is None and holder.last_error is not None and not holder.alias_missing:
+        # The holder's own words come first ("model registry unreachable at <uri>: <exception>").
+        summary = holder.last_error.split(": ", 1)[0].split(" at ", 1)[0]
+        return f"model not loaded: {summary} (details in the API log)"
+    return holder.status()
 
 
 def _error_body(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -14,11 +15,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from btc_anomaly.api.context import context
-from btc_anomaly.api.errors import ApiError, json_response
+from btc_anomaly.api.errors import ApiError, json_response, model_status
 from btc_anomaly.api.model_holder import promotion_info
 from btc_anomaly.api.schemas import ErrorDetail, Health, ModelDescription, Readiness, ReloadResult
 from btc_anomaly.api.telemetry import render_metrics
 from btc_anomaly.model.scoring import describe
+
+log = logging.getLogger(__name__)
+
+# What /ready shows of the lake's status: no paths, no exception text (both go to the log).
+_LAKE_PUBLIC = ("reachable", "table_exists", "table_version")
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="BTC_ANOMALY_API_KEY")
 
@@ -40,24 +46,31 @@ def router() -> APIRouter:
         summary="Readiness: a model is loaded and the Delta lake is reachable",
     )
     def ready(request: Request) -> Response:
+        # Load balancers and anyone who can reach the port read this: it says what is missing, never
+        # where (paths, registry URL) or the upstream's own words; the log has those.
         ctx = context(request)
         holder = ctx.holder
         served = holder.current
+        status = model_status(holder)
         model: dict[str, Any] = {
-            "status": holder.status(),
+            "status": status,
             "alias": holder.alias,
-            "registry": ctx.settings.mlflow_tracking_uri,
             "last_check_at": holder.last_check_at,
-            "last_error": holder.last_error,
+            "last_check_failed": holder.last_error is not None,
         }
         if served is not None:
             model.update(name=served.model.name, version=served.model.version)
-        lake = ctx.lake.status()
+        details = ctx.lake.status()
+        lake = {k: details[k] for k in _LAKE_PUBLIC if k in details}
         missing = []
         if served is None:
-            missing.append(holder.status())
-        if not lake["reachable"]:
-            missing.append(f"Delta lake {lake['root']} is not reachable")
+            missing.append(status)
+        if not details["reachable"]:
+            missing.append("the Delta lake is not reachable (its path is in the API log)")
+            _log_once("Delta lake %s is not reachable", details.get("root"))
+        if "table_error" in details:
+            lake["table_error"] = "the scored table cannot be read (details in the API log)"
+            _log_once("scored table %s cannot be read: %s", details.get("table"), details["table_error"])
         body = {"ready": not missing, "model": model, "lake": lake, "missing": missing}
         return json_response(body, 200 if not missing else 503)
 
@@ -124,3 +137,14 @@ def router() -> APIRouter:
         return json_response(asdict(result))
 
     return r
+
+
+_last_logged: dict[str, str] = {}
+
+
+def _log_once(message: str, *args: object) -> None:
+    """A warning when a /ready problem appears or changes, not on every probe (every few seconds)."""
+    text = message % args
+    if _last_logged.get(message) != text:
+        _last_logged[message] = text
+        log.warning("/ready: %s", text)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from bitcoin.core import CTransaction
 from fastapi import APIRouter, Query, Request
@@ -28,9 +29,19 @@ from btc_anomaly.ingestion.decode import decode_transaction
 from btc_anomaly.monitoring.metrics import API_RAW_ITEMS
 from btc_anomaly.schema import InvalidTransaction, Transaction
 
-# Up to this many transactions are scored on the event loop (coalesced with concurrent requests): a
-# thread hop costs more than scoring them. Bigger batches go to the thread pool.
+# Jobs of up to this many transactions and inputs + outputs are scored on the event loop (coalesced with
+# concurrent requests): a thread hop costs more than scoring them. Anything bigger goes to the thread pool,
+# so one huge transaction (a 1 MB one has ~7,000 inputs) never holds the loop that answers /health and
+# every other request: scoring cost follows the feature lists' length, not the transaction count.
 INLINE_MAX = 32
+INLINE_MAX_IOS = 1_000
+# Bodies from this size are parsed and validated in the thread pool (a 32 MiB body takes seconds to parse);
+# below it the parse costs less than the thread hop.
+INLINE_MAX_BODY_BYTES = 64 * 1024
+# Sent when a request asks for prevout lookups the operator turned off (BTC_ANOMALY_API_RESOLVE_PREVOUTS).
+PREVOUTS_DISABLED = "prevout lookups are disabled on this server (BTC_ANOMALY_API_RESOLVE_PREVOUTS=false)"
+
+_T = TypeVar("_T")
 
 ThresholdQuery = Annotated[
     float | None,
@@ -74,9 +85,9 @@ def _explain_mode(explain: ExplainMode, n: int) -> ExplainMode:
 async def _score(
     ctx: ApiContext, served: Served, items: list[Any], threshold: float | None, explain: ExplainMode
 ) -> list[dict[str, Any]]:
-    """Small jobs are coalesced with concurrent ones on the event loop (batcher.py); big ones run in the
-    thread pool so that single requests keep flowing meanwhile. Predictions carry the risk fields
-    (``inference.predict_jobs`` → ``api/risk.py``)."""
+    """Small jobs are coalesced with concurrent ones on the event loop (batcher.py); big ones (many
+    transactions, or many inputs + outputs) run in the thread pool so that other requests keep flowing
+    meanwhile. Predictions carry the risk fields (``inference.predict_jobs`` → ``api/risk.py``)."""
     if (ios := inference.count_ios(items)) > ctx.settings.api_max_batch_ios:
         raise ApiError(
             413,
@@ -84,7 +95,7 @@ async def _score(
         )
     job = inference.Job(items, threshold, explain)
     try:
-        if len(items) <= INLINE_MAX:
+        if len(items) <= INLINE_MAX and ios <= INLINE_MAX_IOS:
             return await ctx.coalescer.submit(served, job)
         run = partial(inference.predict_jobs, served, [job], top_k=ctx.settings.explain_top_k)
         return (await run_in_threadpool(run))[0]
@@ -111,7 +122,9 @@ def router() -> APIRouter:
         ctx = context(request)
         served = ctx.served()
         s = ctx.settings
-        items, single = ctx.parser.transactions(await read_body(request, s.api_max_body_bytes))
+        items, single = await _off_loop(
+            ctx.parser.transactions, await read_body(request, s.api_max_body_bytes)
+        )
         out = await _score(ctx, served, items, threshold, _explain_mode(explain, len(items)))
         return json_response(out[0] if single else out)
 
@@ -135,15 +148,23 @@ def router() -> APIRouter:
         threshold: ThresholdQuery = None,
         explain: ExplainQuery = "auto",
         resolve_prevouts: Annotated[
-            bool | None, Query(description="Look up prevouts (default: BTC_ANOMALY_API_RESOLVE_PREVOUTS).")
+            bool | None,
+            Query(
+                description="Look up prevouts (default: BTC_ANOMALY_API_RESOLVE_PREVOUTS). The operator's "
+                "setting is a cap: `true` on a server with lookups off is answered without lookups, with "
+                "the header `X-Prevout-Lookups: disabled` and the reason in each item's `prevouts.error`."
+            ),
         ] = None,
     ) -> Response:
         ctx = context(request)
         served = ctx.served()
         s = ctx.settings
-        hexes = ctx.parser.raw_hexes(await read_body(request, s.api_max_body_bytes))
+        hexes = await _off_loop(ctx.parser.raw_hexes, await read_body(request, s.api_max_body_bytes))
         decoded = await run_in_threadpool(_decode_all, hexes)
-        lookup = s.api_resolve_prevouts if resolve_prevouts is None else resolve_prevouts
+        # The operator's setting caps the request's: lookups spend the Blockchain.com quota the producer
+        # shares, and an operator who turned them off may have no outbound access at all.
+        refused = bool(resolve_prevouts) and not s.api_resolve_prevouts
+        lookup = s.api_resolve_prevouts and resolve_prevouts is not False
         parents = [p for d in decoded if isinstance(d, _Decoded) for p in d.parents]
         resolution = await ctx.resolver.resolve(parents) if lookup and parents else None
         valid = [d for d in decoded if isinstance(d, _Decoded)]
@@ -161,6 +182,8 @@ def router() -> APIRouter:
             reasons = sorted({errors[p] for p in d.parents if p in errors})
             if d.error:
                 reasons.insert(0, d.error)
+            if refused and d.parents:
+                reasons.insert(0, PREVOUTS_DISABLED)
             out.append(
                 {
                     "index": index,
@@ -181,9 +204,16 @@ def router() -> APIRouter:
             API_RAW_ITEMS.labels(result="invalid").inc(invalid)
         if len(decoded) - invalid:
             API_RAW_ITEMS.labels(result="scored").inc(len(decoded) - invalid)
-        return json_response(out)
+        return json_response(out, headers={"X-Prevout-Lookups": "disabled"} if refused else None)
 
     return r
+
+
+async def _off_loop(parse: Callable[[bytes], _T], body: bytes) -> _T:
+    """``parse(body)``, in the thread pool when the body is big enough to hold the event loop."""
+    if len(body) < INLINE_MAX_BODY_BYTES:
+        return parse(body)
+    return await run_in_threadpool(parse, body)
 
 
 # --- raw decoding ------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, state: DashboardState | None = 
     app.layout = layout
     callbacks.register(app, state)
     _routes(app)
+    _trusted_hosts(app, settings.allowed_host_list)
     app.dashboard_state = state  # type: ignore[attr-defined]
     return app
 
@@ -70,6 +71,20 @@ def _routes(app: Dash) -> None:
     @server.route("/healthz")
     def healthz() -> Response:
         return Response("ok\n", mimetype="text/plain")
+
+
+def _trusted_hosts(app: Dash, allowed: list[str]) -> None:
+    """400 for a Host header outside ``allowed_hosts`` (DNS rebinding), like the API's TrustedHostMiddleware."""
+    if not allowed or "*" in allowed:
+        return
+    from flask import request
+    from werkzeug.sansio.utils import host_is_trusted
+
+    @app.server.before_request
+    def check_host() -> Response | None:
+        if not host_is_trusted(request.headers.get("Host", ""), allowed):
+            return Response("Invalid host header\n", status=400, mimetype="text/plain")
+        return None
 
 
 def serve(settings: Settings) -> None:
