@@ -2,41 +2,28 @@
 the producer replaying the bundled real sample, the Spark stream, the trainer, the API, the dashboard and
 Prometheus when installed), then Ctrl-C.
 
-The stack gets free ports and its own state folder through the same Settings variables a user would set,
-so it never collides with a developer's running stack or another test. Passes when scored transactions
-reach ``GET /anomalies``, ``POST /predict`` answers with the champion, the dashboard serves, ``btc-anomaly
-detect`` has polled cleanly several times after it MERGEd into ``coordinated_bursts`` (issue #19: it died
-at the read after its second bursts write), after SIGINT to the whole `make` process group (what Ctrl-C
-sends) no process of the stack is left, and no process logged a ``Traceback`` or an ``ERROR`` line, start-up
-included, up to Ctrl-C (waiting for Kafka or MLflow is INFO; lines logged while the stack shuts down are
-printed, not failed on).
+The stack is the session's ``demo_stack`` (``conftest.py``: free ports, its own state folder, started once
+and shared with ``test_readme_commands.py``). Passes when scored transactions reach ``GET /anomalies``,
+``POST /predict`` answers with the champion, the dashboard serves, ``btc-anomaly detect`` has polled
+cleanly several times after it MERGEd into ``coordinated_bursts`` (issue #19: it died at the read after
+its second bursts write), after SIGINT to the whole `make` process group (what Ctrl-C sends) no process
+of the stack is left, and no process logged a ``Traceback`` or an ``ERROR`` line, start-up included, up
+to Ctrl-C (waiting for Kafka or MLflow is INFO; lines logged while the stack shuts down are printed, not
+failed on). The Ctrl-C test runs after every other e2e test (``conftest.LAST``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
-
-from btc_anomaly.config import PROJECT_ROOT
-from btc_anomaly.runtime.kafka_broker import free_port
+from demo_stack import STARTUP_BUDGET_S, STOP_BUDGET_S, DemoStack, http, tail
 
 pytestmark = pytest.mark.e2e
 
-STARTUP_BUDGET_S = 210  # first scored rows within this (the issue: "within a few minutes" of `make demo`)
-STOP_BUDGET_S = 60
-DETECT_POLL_S = 5  # the test's detect poll interval (10 s by default)
 DETECT_POLLS_AFTER_MERGE = 3  # clean detect polls required after the first MERGE into coordinated_bursts
 DETECT_BUDGET_S = 120  # for those, after the checks above (bursts exist ~100 s into the demo)
 # A log line that is a failure whichever process wrote it: a traceback, or an ERROR level in Python's
@@ -54,163 +41,38 @@ EXAMPLE_TX = {
 }
 
 
-def _http(url: str, body: object | None = None) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-            ctype = resp.headers.get("content-type", "")
-            return resp.status, json.loads(raw) if "json" in ctype else raw
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()[:500]
-    except (urllib.error.URLError, OSError) as exc:
-        return 0, str(exc)
+@pytest.mark.timeout(STARTUP_BUDGET_S + DETECT_BUDGET_S + 120)
+def test_make_demo_scores_transactions(demo_stack: DemoStack) -> None:
+    print(f"first scored anomaly after {demo_stack.first_scored_s:.0f}s")
+    item = demo_stack.first_anomalies["items"][0]  # type: ignore[index]
+    assert 0.0 < item["anomaly_score"] <= 1.0 and item["is_anomaly"] is True
+
+    status, body = http(f"{demo_stack.api}/predict", EXAMPLE_TX)
+    assert status == 200, body
+    assert "anomaly_score" in json.dumps(body)
+
+    status, page = http(f"{demo_stack.dashboard}/")
+    assert status == 200 and b"react-entry-point" in page  # type: ignore[operator]
+
+    _wait_for_detect_polls(
+        f"http://127.0.0.1:{demo_stack.ports['detect']}/metrics",
+        demo_stack.state_dir / "lake" / "coordinated_bursts",
+        demo_stack.log_path,
+    )
 
 
-def _marked_pids(marker: str) -> list[int]:
-    """Every process whose environment carries the marker: all descendants of `make demo` inherit it."""
-    needle = f"BTC_DEMO_TEST_MARKER={marker}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _describe(pids: list[int]) -> str:
-    out = []
-    for pid in pids:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:160]
-            out.append(f"{pid}: {cmdline!r}")
-        except OSError:
-            pass
-    return "\n".join(out)
-
-
-@pytest.mark.timeout(STARTUP_BUDGET_S + DETECT_BUDGET_S + STOP_BUDGET_S + 120)
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_demo_scores_transactions_and_stops_cleanly(tmp_path: Path) -> None:
-    marker = uuid.uuid4().hex
-    ports = {
-        name: free_port()
-        for name in (
-            "kafka",
-            "controller",
-            "mlflow",
-            "api",
-            "dashboard",
-            "prometheus",
-            "producer",
-            "stream",
-            "trainer",
-            "detect",
-            "alertmanager",
-        )
-    }
-    env = {
-        **os.environ,
-        "BTC_DEMO_TEST_MARKER": marker,
-        "BTC_ANOMALY_KAFKA_PORT": str(ports["kafka"]),
-        "BTC_ANOMALY_KAFKA_CONTROLLER_PORT": str(ports["controller"]),
-        "BTC_ANOMALY_KAFKA_BOOTSTRAP": f"127.0.0.1:{ports['kafka']}",
-        "BTC_ANOMALY_MLFLOW_PORT": str(ports["mlflow"]),
-        "BTC_ANOMALY_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['mlflow']}",
-        "BTC_ANOMALY_API_PORT": str(ports["api"]),
-        "BTC_ANOMALY_DASHBOARD_PORT": str(ports["dashboard"]),
-        "BTC_ANOMALY_PROMETHEUS_PORT": str(ports["prometheus"]),
-        "BTC_ANOMALY_PRODUCER_METRICS_PORT": str(ports["producer"]),
-        "BTC_ANOMALY_STREAM_METRICS_PORT": str(ports["stream"]),
-        "BTC_ANOMALY_TRAINER_METRICS_PORT": str(ports["trainer"]),
-        "BTC_ANOMALY_DETECT_METRICS_PORT": str(ports["detect"]),
-        "BTC_ANOMALY_DETECT_POLL_S": str(DETECT_POLL_S),
-        "BTC_ANOMALY_ALERTMANAGER_PORT": str(ports["alertmanager"]),
-        # Shorter waits than a user's defaults: the test has a budget, the stack logic is the same.
-        "BTC_ANOMALY_MODEL_RELOAD_S": "5",
-        "FIRST_TRAINING_RETRY_S": "5",
-        "BTC_ANOMALY_SPARK_DRIVER_MEMORY": "1g",
-    }
-    for key in [k for k in env if k.startswith("BTC_ANOMALY_") and k.endswith(("_DIR", "_ROOT", "_TABLE"))]:
-        env.pop(key)  # a developer's lake/state overrides would point the stack elsewhere
-    log_path = tmp_path / "demo.log"
-    api = f"http://127.0.0.1:{ports['api']}"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                "make",
-                "--no-print-directory",
-                "demo",
-                f"DEMO_STATE={tmp_path / 'state'}",
-                "DEMO_ENV_FILE=/dev/null",
-                "SPEED=60",
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: SIGINT to it is Ctrl-C in its terminal
-        )
-    try:
-        first_scored_s = None
-        anomalies: object = None
-        while time.monotonic() - started < STARTUP_BUDGET_S:
-            assert proc.poll() is None, f"make demo exited early ({proc.returncode}):\n{_tail(log_path)}"
-            status, anomalies = _http(f"{api}/anomalies?limit=20")
-            if status == 200 and isinstance(anomalies, dict) and anomalies.get("count", 0) > 0:
-                first_scored_s = time.monotonic() - started
-                break
-            time.sleep(3)
-        assert first_scored_s is not None, (
-            f"no scored anomalies within {STARTUP_BUDGET_S}s (last /anomalies: {anomalies!r})\n{_tail(log_path)}"
-        )
-        print(f"first scored anomaly after {first_scored_s:.0f}s")
-        item = anomalies["items"][0]  # type: ignore[index]
-        assert 0.0 < item["anomaly_score"] <= 1.0 and item["is_anomaly"] is True
-
-        status, body = _http(f"{api}/predict", EXAMPLE_TX)
-        assert status == 200, body
-        assert "anomaly_score" in json.dumps(body)
-
-        status, page = _http(f"http://127.0.0.1:{ports['dashboard']}/")
-        assert status == 200 and b"react-entry-point" in page  # type: ignore[operator]
-
-        _wait_for_detect_polls(
-            f"http://127.0.0.1:{ports['detect']}/metrics",
-            tmp_path / "state" / "lake" / "coordinated_bursts",
-            log_path,
-        )
-    finally:
-        stopped = time.monotonic()
-        running_lines = len(log_path.read_text(errors="replace").splitlines())  # before Ctrl-C
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(STOP_BUDGET_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while _marked_pids(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = _marked_pids(marker)
-        leftover = _describe(left)
-        for pid in left:  # clean up before failing, so one bad run does not leak into the next
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    assert not left, f"processes left running after Ctrl-C:\n{leftover}"
-    print(f"stack stopped {time.monotonic() - stopped:.1f}s after SIGINT")
+@pytest.mark.timeout(STOP_BUDGET_S + 120)
+def test_ctrl_c_stops_the_whole_stack_cleanly(demo_stack: DemoStack) -> None:
+    stopped = demo_stack.stop()
+    assert not stopped.leftover, f"processes left running after Ctrl-C:\n{stopped.leftover}"
+    print(f"stack stopped {stopped.seconds:.1f}s after SIGINT")
+    log_path = demo_stack.log_path
     bad = _bad_lines(log_path)
-    running = [i for i in bad if i < running_lines]
+    running = [i for i in bad if i < stopped.running_lines]
     if len(running) < len(bad):
         # After Ctrl-C (SIGINT reaches every process of the group at once, the stream's JVM included):
         # shown, not failed on; start-up and the whole run are.
-        print(f"after Ctrl-C:\n{_excerpt(log_path, [i for i in bad if i >= running_lines])}")
+        print(f"after Ctrl-C:\n{_excerpt(log_path, [i for i in bad if i >= stopped.running_lines])}")
     assert not running, (
         f"{len(running)} Traceback/ERROR lines in the demo's log before Ctrl-C:\n{_excerpt(log_path, running)}"
     )
@@ -220,7 +82,7 @@ def _metrics(url: str) -> dict[str, float]:
     """Samples of a Prometheus endpoint, keyed ``name`` or ``name{k=v,...}`` (empty when it does not answer)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    status, body = _http(url)
+    status, body = http(url)
     if status != 200 or not isinstance(body, bytes):
         return {}
     out = {}
@@ -251,13 +113,13 @@ def _wait_for_detect_polls(url: str, bursts: Path, log_path: Path) -> None:
     failures = {k: v for k, v in seen.items() if k.startswith("btc_detect_poll_failures_total") and v}
     assert polls_at_merge is not None, (
         f"detect did not MERGE into {bursts} within {DETECT_BUDGET_S}s of the checks above "
-        f"(detect metrics: {seen or 'no answer'})\n{_tail(log_path)}"
+        f"(detect metrics: {seen or 'no answer'})\n{tail(log_path)}"
     )
     assert (
         seen.get("btc_detect_poll_duration_seconds_count", 0) >= polls_at_merge + DETECT_POLLS_AFTER_MERGE
     ), f"fewer than {DETECT_POLLS_AFTER_MERGE} detect polls after the first bursts MERGE: {seen}"
     assert not failures and seen.get("btc_detect_consecutive_failed_polls") == 0, (
-        f"detect polls failed: {failures}\n{_tail(log_path)}"
+        f"detect polls failed: {failures}\n{tail(log_path)}"
     )
     print(f"detect: {seen['btc_detect_poll_duration_seconds_count']:.0f} polls, none failed")
 
@@ -289,7 +151,3 @@ def _excerpt(path: Path, bad: list[int], before: int = 3, after: int = 25, most:
         parts.append("\n".join(f"{n + 1:6d}: {lines[n]}" for n in range(start, end)))
         shown_to = end - 1
     return "\n---\n".join(parts)
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
