@@ -1,4 +1,5 @@
-"""The pyfunc loader: loading a version does not load numba; warm-up is explicit and happens once."""
+"""Loading a bundle as data reads no numba (warm-up is the serving process's choice), and the pyfunc logged
+for the MLflow UI and `mlflow models serve` still loads and scores the same bundle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import mlflow.pyfunc
 import pytest
 
 from btc_anomaly.config import PROJECT_ROOT
-from btc_anomaly.model.pyfunc import ARTIFACT_KEY, MODEL_CODE, BundlePyfunc
+from btc_anomaly.model.pyfunc import ARTIFACT_KEY, MODEL_CODE
 from helpers.api_server import sample_bundle
 
 
@@ -25,19 +26,22 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "model"
 
 
-def test_loading_does_not_compile_and_scoring_still_works(saved_model: Path) -> None:
+def test_data_load_does_not_compile_and_the_pyfunc_scores_the_same(saved_model: Path) -> None:
     # A fresh process: this one may have imported numba already.
+    bundle_dir = saved_model / "artifacts" / ARTIFACT_KEY
     code = f"""
-import json, sys, time
+import json, sys
 import mlflow.pyfunc
 from btc_anomaly.features import compute_features
+from btc_anomaly.model.bundle import ModelBundle
 from btc_anomaly.model.reference import reference_transactions
-t0 = time.perf_counter()
-model = mlflow.pyfunc.load_model({str(saved_model)!r})
-loaded_s = time.perf_counter() - t0
+bundle = ModelBundle.load({str(bundle_dir)!r})
 after_load = "numba" in sys.modules
-scored = model.predict(compute_features(reference_transactions()))
-print(json.dumps({{"after_load": after_load, "rows": len(scored), "loaded_s": loaded_s}}))
+features = compute_features(reference_transactions())
+ours = bundle.score_features(features)
+served = mlflow.pyfunc.load_model({str(saved_model)!r}).predict(features)
+same = bool((ours["anomaly_score"].to_numpy() == served["anomaly_score"].to_numpy()).all())
+print(json.dumps({{"after_load": after_load, "rows": len(served), "same": same}}))
 """
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -48,22 +52,4 @@ print(json.dumps({{"after_load": after_load, "rows": len(scored), "loaded_s": lo
         timeout=300,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["after_load"] is False
-    assert result["rows"] == 500
-
-
-def test_warm_up_runs_once_per_backend(saved_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = mlflow.pyfunc.load_model(str(saved_model)).unwrap_python_model()
-    assert isinstance(model, BundlePyfunc)
-    calls: list[str] = []
-    monkeypatch.setattr(
-        model.bundle, "warm_up", lambda: calls.append(next(iter(model.bundle.forests.values())).backend)
-    )
-    model.bundle.set_backend("numpy")
-    model.warm_up()
-    model.warm_up()
-    assert calls == ["numpy"]
-    model.bundle.set_backend("auto")
-    model.warm_up()
-    model.warm_up()
-    assert calls == ["numpy", "auto"]
+    assert result == {"after_load": False, "rows": 500, "same": True}

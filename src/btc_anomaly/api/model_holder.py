@@ -12,7 +12,9 @@ every other worker's thread looks at that file once a second and runs the same c
 when the token changes.
 
 A registry that is down or has no such alias never stops the process: the loaded model (if any) keeps
-serving, and ``status()`` says what is missing for ``/ready`` and the 503 bodies.
+serving, and ``status()`` says what is missing for ``/ready`` and the 503 bodies. So does a version whose
+bundle has no digest or does not match it (``registry.load_version``): the load counts as a failure in
+``btc_api_model_reloads_total{result="failure"}`` and logs one ERROR line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from btc_anomaly.config import Settings
+from btc_anomaly.model.registry import BundleRefused
 from btc_anomaly.model.scoring import ChampionModel
 from btc_anomaly.monitoring.metrics import API_MODEL_INFO, API_MODEL_LOADED_AT, API_MODEL_RELOADS
 
@@ -152,6 +155,9 @@ class ModelHolder:
                 return CheckResult(False, old_version, old_version, f"v{version} is already served")
             try:
                 served = self._load(version, dict(mv.tags or {}), mv.description or None)
+            except BundleRefused as exc:  # no or wrong digest: the message says it all, no traceback
+                self._failed(str(exc), level=logging.ERROR)
+                return CheckResult(False, old_version, old_version, self.last_error or "")
             except Exception as exc:  # a broken version must not take the served one down
                 log.exception("loading %s v%s failed", self.settings.model_name, version)
                 self._failed(f"loading {self.settings.model_name} v{version} failed: {_short(exc)}")
@@ -195,9 +201,9 @@ class ModelHolder:
         )
         return Served(model=model, tags={**loaded.tags, **tags}, description=description)
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, level: int = logging.WARNING) -> None:
         if message != self.last_error:
-            log.warning("%s", message)
+            log.log(level, "%s", message)
         self.last_error = message
         API_MODEL_RELOADS.labels(result="failure").inc()
 

@@ -17,11 +17,15 @@ On disk (the MLflow pyfunc artifact ``bundle/``)::
     full.skops             the fitted sklearn IsolationForest, for audit and parity checks
     structural.skops
 
+``bundle_digest`` is the SHA-256 the registry records at training (``registry.DIGEST_TAG``) and checks
+before serving loads a version: the bundle is data (JSON + NumPy arrays), loaded without running code.
+
 Scoring goes through ``btc_anomaly.model.core`` (stream, API, gate, evaluation alike).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +193,20 @@ class ModelBundle:
         import skops.io as sio
 
         return sio.load(Path(path) / f"{kind}.skops", trusted=SKOPS_TRUSTED + _skops_extra(path, kind))
+
+
+def bundle_digest(path: str | Path) -> str:
+    """SHA-256 over every file under ``path``: for each file in sorted relative-path order, its POSIX
+    relative path, a NUL, the hex SHA-256 of its bytes and a newline. A changed, added, removed or
+    renamed file changes the digest."""
+    root = Path(path)
+    total = hashlib.sha256()
+    files = sorted((f.relative_to(root).as_posix(), f) for f in root.rglob("*") if f.is_file())
+    for name, file in files:
+        with file.open("rb") as fh:
+            one = hashlib.file_digest(fh, "sha256").hexdigest()
+        total.update(f"{name}\0{one}\n".encode())
+    return total.hexdigest()
 
 
 def _skops_extra(path: str | Path, kind: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Scoring canonical transactions with the champion: what the stream and the API call.
 
-``load_champion(settings)`` loads ``models:/<model_name>@champion`` (pyfunc → unwrapped ``ModelBundle``).
+``load_champion(settings)`` loads ``models:/<model_name>@champion`` as data (``registry.load_version``).
 ``score_frame(df, model)`` turns canonical transactions into one scored row each::
 
     hash, first_seen, anomaly_score, is_anomaly, threshold, model_kind, reasons, top_features,
@@ -273,7 +273,8 @@ _cache: dict[tuple[str, str, str], tuple[ChampionModel, float]] = {}
 
 def cached_champion(settings: Settings | None = None, alias: str = "champion") -> ChampionModel:
     """The champion for this process; re-resolves the alias at most every ``model_reload_s`` seconds
-    and reloads only when it points to another version. A registry outage keeps the loaded model."""
+    and reloads only when it points to another version. A registry outage or a version that fails to
+    load (``registry.BundleRefused``: no or wrong digest) keeps the loaded model."""
     from btc_anomaly.model.registry import version_by_alias
 
     settings = settings or get_settings()
@@ -295,7 +296,15 @@ def cached_champion(settings: Settings | None = None, alias: str = "champion") -
             if mv is not None and str(mv.version) == hit[0].version:
                 _cache[key] = (hit[0], now)
                 return hit[0]
-        model = load_champion(settings, alias)
+        try:
+            model = load_champion(settings, alias)
+        except Exception as exc:
+            if hit is None:
+                raise
+            # A refused (digest) or broken version must not stop scoring: keep the loaded one, retry later.
+            log.error("cannot load %s@%s (%s); keeping v%s", settings.model_name, alias, exc, hit[0].version)
+            _cache[key] = (hit[0], now)
+            return hit[0]
         if hit is not None:
             log.info("%s@%s moved v%s -> v%s", settings.model_name, alias, hit[0].version, model.version)
         _cache[key] = (model, now)

@@ -2,7 +2,8 @@
 
 Each run logs params, the data window and digest, row counts, anomaly rates, score quantiles, timings,
 two PNGs and the model bundle (``bundle.py``) as one pyfunc with a named-column signature and an input
-example; registers it as a new version of ``Settings.model_name``; points the ``challenger`` alias at
+example; registers it as a new version of ``Settings.model_name`` with the bundle's digest
+(``registry.log_bundle``: serving loads the bundle as data and checks it); points the ``challenger`` alias at
 it; and (unless told not to) runs the promotion gate, which may move ``champion`` to it.
 
 It also evaluates the new bundle on the labelled benchmark (``evaluate.py``) and logs that to the run: the
@@ -45,7 +46,7 @@ from btc_anomaly.features import (
 from btc_anomaly.model.bundle import KINDS, ModelBundle
 from btc_anomaly.model.detector import KindDetector
 from btc_anomaly.model.explain import FeatureStats
-from btc_anomaly.model.registry import CHALLENGER, client, use_tracking, whoami
+from btc_anomaly.model.registry import CHALLENGER, client, log_bundle, use_tracking, whoami
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +348,6 @@ def train(
     from mlflow.models import infer_signature
     from tqdm.auto import tqdm
 
-    from btc_anomaly.model.pyfunc import ARTIFACT_KEY, MODEL_CODE
-
     timings: dict[str, float] = {}
     # disable=None: tqdm shows the bar only on a terminal.
     bar = tqdm(total=6, desc="train", unit="step", disable=None if progress is None else not progress)
@@ -440,14 +439,12 @@ def train(
         signature = infer_signature(example, bundle.score_features(example))
         with tempfile.TemporaryDirectory(prefix="btc-anomaly-bundle-") as tmp:
             bundle_dir = bundle.save(Path(tmp) / "bundle")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={ARTIFACT_KEY: str(bundle_dir)},
+            info = log_bundle(
+                settings,
+                bundle_dir,
                 signature=signature,
                 input_example=example,
                 pip_requirements=_pip_requirements(),
-                registered_model_name=settings.model_name,
             )
         timings["log_seconds"] = time.perf_counter() - t0
         timings["total_seconds"] = time.perf_counter() - t_all
