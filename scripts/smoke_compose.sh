@@ -133,6 +133,8 @@ fi
 cat >"$ENV_FILE" <<EOF
 POSTGRES_PASSWORD=smoke$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 GF_SECURITY_ADMIN_PASSWORD=smoke$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+MLFLOW_ADMIN_PASSWORD=smoke$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+MLFLOW_FLASK_SERVER_SECRET_KEY=smoke$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 MLFLOW_PORT=
 API_PORT=
 DASHBOARD_PORT=

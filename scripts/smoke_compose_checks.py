@@ -4,12 +4,15 @@ scripts/smoke_compose.sh pipes this file to ``docker exec -i <api> python -``: i
 the services do (the Delta volume at /lake, MLflow at mlflow:5000, Prometheus at prometheus:9090, the API
 on its own loopback). Exit 0 when every check passes; otherwise print what is missing and exit 1 (the
 script retries until its deadline). Standard library + what the api image ships (deltalake, mlflow).
+MLflow runs with basic auth: the mlflow client logs in with the api container's MLFLOW_TRACKING_USERNAME
+and MLFLOW_TRACKING_PASSWORD, and a request without them must be refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import urllib.request
 
@@ -70,6 +73,18 @@ def main() -> int:
         report["champion"] = f"{s.model_name} v{champion.version}"
     except Exception as exc:
         failures.append(f"registry: no champion ({type(exc).__name__})")
+
+    # Basic auth is on: no credentials, no registry.
+    status, _ = http(f"{s.mlflow_tracking_uri}/api/2.0/mlflow/registered-models/search")
+    report["MLflow without credentials"] = status
+    if status != 401:
+        failures.append(f"MLflow answered HTTP {status} without credentials (expected 401)")
+    # Postgres is on MLflow's private network: the API cannot even resolve it.
+    try:
+        socket.create_connection(("postgres", 5432), timeout=3).close()
+        failures.append("the api container reaches postgres:5432 (it must not)")
+    except OSError:
+        report["postgres from api"] = "unreachable"
 
     status, body = http("http://127.0.0.1:5001/predict", EXAMPLE_TX)
     report["POST /predict"] = status

@@ -6,6 +6,7 @@ these run in seconds and catch the mistakes that would only show there (or on a 
 
 from __future__ import annotations
 
+import configparser
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,91 @@ def test_env_example_covers_required_variables() -> None:
     assert required, "expected required variables"
     for var in required:
         assert re.search(rf"^{var}=", example, re.M), f".env.example lacks {var}"
+
+
+# Registry clients (MLflow credentials and network) and notification senders (webhook URL) of the compose
+# stack: see the grep in the report of issue 19 (model loaders; monitoring.notifier users).
+MLFLOW_CLIENTS = {"trainer-init", "trainer", "api", "stream", "dashboard"}
+NOTIFY_SENDERS = {"detect", "stream", "alert-relay"}
+
+
+def _networks(svc: dict) -> set[str]:
+    nets = svc.get("networks") or ["default"]
+    return set(nets if isinstance(nets, list) else nets.keys())
+
+
+def test_compose_mlflow_requires_basic_auth_with_credentials_from_env() -> None:
+    doc = _compose("docker-compose.yml")
+    mlflow = doc["services"]["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    env = mlflow["environment"]
+    # The admin password and the CSRF key come from .env, required, never a default in the file.
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SERVER_SECRET_KEY:?")
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]
+    (mount,) = [v for v in mlflow["volumes"] if v.split(":")[1] == config]
+    ini = ROOT / mount.split(":")[0]
+    auth = configparser.ConfigParser()
+    auth.read(ini)
+    db = auth["mlflow"]["database_uri"]
+    assert db.startswith("sqlite:////")
+    # The auth database lives on a volume of its own, not under the artifacts the server hands out.
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in mlflow["volumes"]}
+    db_dir = str(Path(db.removeprefix("sqlite:///")).parent)
+    assert mounts.get(db_dir) in doc["volumes"], db_dir
+    assert not db.removeprefix("sqlite:///").startswith("/mlartifacts")
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+
+
+def test_compose_mlflow_is_reached_only_by_its_clients_with_credentials() -> None:
+    doc = _compose("docker-compose.yml")
+    services = doc["services"]
+    assert doc["networks"]["registry-db"].get("internal") is True
+    assert _networks(services["postgres"]) == {"registry-db"}
+    assert _networks(services["mlflow"]) == {"registry", "registry-db"}
+    for name, svc in services.items():
+        if name in ("mlflow", "postgres"):
+            continue
+        env = svc.get("environment") or {}
+        on_registry = "registry" in _networks(svc)
+        assert on_registry == (name in MLFLOW_CLIENTS), f"{name}: registry network"
+        assert "registry-db" not in _networks(svc), name
+        if name in MLFLOW_CLIENTS:
+            assert env.get("BTC_ANOMALY_MLFLOW_TRACKING_URI") == "http://mlflow:5000", name
+            assert env.get("MLFLOW_TRACKING_USERNAME"), name
+            assert env.get("MLFLOW_TRACKING_PASSWORD", "").startswith("${MLFLOW_ADMIN_PASSWORD:?"), name
+        else:
+            assert not any("MLFLOW" in k for k in env), f"{name} has no business with MLflow"
+
+
+def test_compose_webhook_url_only_in_services_that_send() -> None:
+    services = _compose("docker-compose.yml")["services"]
+    have = {
+        n for n, s in services.items() if "BTC_ANOMALY_NOTIFY_WEBHOOK_URL" in (s.get("environment") or {})
+    }
+    assert have == NOTIFY_SENDERS
+
+
+def test_compose_prometheus_has_no_lifecycle_api() -> None:
+    services = _compose("docker-compose.yml")["services"]
+    assert not any("enable-lifecycle" in arg for arg in services["prometheus"]["command"])
+
+
+def test_compose_every_service_has_a_memory_limit_and_rotated_logs() -> None:
+    doc = _compose("docker-compose.yml")
+    for name, svc in doc["services"].items():
+        assert svc.get("mem_limit"), f"{name}: mem_limit"
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") == "json-file", name
+        assert {"max-size", "max-file"} <= set(logging.get("options") or {}), name
+    # One definition (a YAML anchor), not one per service.
+    assert (ROOT / "docker-compose.yml").read_text().count("max-size:") == 1
+
+
+def test_compose_kafka_retention_by_time_and_size() -> None:
+    env = _compose("docker-compose.yml")["services"]["kafka"]["environment"]
+    assert env["KAFKA_LOG_RETENTION_HOURS"] and env["KAFKA_LOG_RETENTION_BYTES"]
+    example = (ROOT / ".env.example").read_text()
+    for var in ("KAFKA_RETENTION_BYTES", "KAFKA_RETENTION_HOURS"):
+        assert var in env["KAFKA_LOG_RETENTION_BYTES"] + env["KAFKA_LOG_RETENTION_HOURS"]
+        assert f"# {var}=" in example, f".env.example documents {var}"
