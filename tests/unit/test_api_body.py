@@ -56,6 +56,20 @@ def test_large_canonical_arrays_are_columnar_with_the_same_predictions(served: A
         )
 
 
+def test_one_big_transaction_is_columnar_with_the_same_prediction(served: Any) -> None:
+    """A single object the size of a big transaction (the sample's largest: 649 inputs) skips the models."""
+    parser = BodyParser(10_000)
+    biggest = max(sample_records(), key=lambda r: r["input_count"])
+    body = orjson.dumps(biggest)
+    assert len(body) >= FAST_PATH_MIN_BYTES
+    batch, single = parser.transactions(body)
+    assert isinstance(batch, inference.CanonicalBatch) and single and batch.hashes == [biggest["hash"]]
+    model = parser._validate(parser.items, b"[" + body + b"]", "transactions")
+    assert inference.predict(served, batch, explain="all") == inference.predict(served, model, explain="all")
+    broken = orjson.dumps({**biggest, "input_count": 1})  # the models give the 422, field by field
+    assert _outcome(lambda: parser.transactions(broken))[0] == "422"
+
+
 def test_small_and_summary_bodies_keep_the_model_path() -> None:
     parser = BodyParser(10_000)
     items, _ = parser.transactions(orjson.dumps(RECORDS[:3]))

@@ -99,6 +99,12 @@ class BodyParser:
                 if batch is not None:
                     return batch, False
             return self._validate(self.items, body, "transactions"), False
+        if len(body) >= FAST_PATH_MIN_BYTES:
+            # One huge transaction (thousands of inputs): the models build an object per input in one
+            # call that holds the GIL for ~100 ms, stalling the event loop even from a worker thread.
+            batch = self.canonical_batch(b"[" + body + b"]")
+            if batch is not None:
+                return batch, True
         return [self._validate(ITEM_ADAPTER, body, "transactions")], True
 
     def canonical_batch(self, body: bytes) -> CanonicalBatch | None:
