@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     producer_max_block_ms: int = Field(
         10_000, description="How long a send may block on a missing broker before the record is queued again."
     )
+    producer_source_queue_max: int = Field(
+        10_000,
+        description="Most items waiting between a live source (WebSocket, REST) and the Kafka sender. When it is "
+        "full, REST polls wait; WebSocket pushes are dropped and counted (errors_total{kind=\"source_dropped\"}).",
+    )
+    first_seen_max_skew_s: float = Field(
+        7_200.0,
+        description="How far past now a record's first_seen may be (clock skew; Bitcoin accepts block times "
+        "2 h ahead). Later, or before 2009-01-03, the producer dead-letters and the stream quarantines it.",
+    )
     replay_path: Path = Field(
         PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz",
         description="Canonical transactions replayed by `--source replay`.",

@@ -147,6 +147,31 @@ def parse_transaction(data: bytes | str | dict[str, Any]) -> Transaction:
         ) from exc
 
 
+# --- event-time bounds --------------------------------------------------------------------------------
+# Not part of the model: "now" is the receiver's clock, and a record is judged when it arrives (the API
+# scores historical transactions with any first_seen). The producer and the stream check these bounds,
+# because event time drives the window watermark: one record dated next year would make every later
+# row late (processing/aggregates.py).
+
+FIRST_SEEN_MIN = dt.datetime(2009, 1, 3, tzinfo=dt.UTC)  # day of the genesis block: nothing is older
+FIRST_SEEN_TOO_EARLY = "first_seen before 2009-01-03 (the genesis block)"
+
+
+def first_seen_too_late(max_skew_s: float) -> str:
+    return f"first_seen more than {max_skew_s:g} s in the future"
+
+
+def first_seen_error(
+    first_seen: dt.datetime, *, max_skew_s: float, now: dt.datetime | None = None
+) -> str | None:
+    """Why ``first_seen`` is outside [2009-01-03, now + max_skew_s], or None when it is inside."""
+    if first_seen < FIRST_SEEN_MIN:
+        return FIRST_SEEN_TOO_EARLY
+    if first_seen > (now or dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=max_skew_s):
+        return first_seen_too_late(max_skew_s)
+    return None
+
+
 def validation_reason(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:

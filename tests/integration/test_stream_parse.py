@@ -9,14 +9,33 @@ the second test pins down.
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from btc_anomaly.config import Settings
+from btc_anomaly.processing import delta_reader
 from btc_anomaly.processing.parse import ERRORS, parse, transaction_columns
-from btc_anomaly.schema import InvalidTransaction, Transaction, parse_transaction
-from helpers.stream import kafka_frame, malformed, sample_lines
+from btc_anomaly.processing.stream import StreamRunner
+from btc_anomaly.schema import (
+    FIRST_SEEN_TOO_EARLY,
+    InvalidTransaction,
+    Transaction,
+    first_seen_too_late,
+    parse_transaction,
+)
+from helpers.stream import (
+    create_topic,
+    expected_stats,
+    kafka_frame,
+    key_of,
+    malformed,
+    publish,
+    sample_lines,
+    with_changes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +127,64 @@ def test_documented_tolerances_and_defaults(spark: Any) -> None:
     assert rows[3][ERRORS] == ["wrong type: size"]  # pydantic's lax mode would coerce "234"
     assert rows[4][ERRORS] == ["wrong type: rbf"]  # ... and "yes"
     assert rows[5][ERRORS] == [] and rows[5]["outputs"][0]["address"] == "7"  # Spark reads a number as text
+
+
+# --- event-time bounds (issue #19 item 5) -------------------------------------------------------------
+
+
+def _dated(line: bytes, first_seen: dt.datetime, tag: int) -> bytes:
+    """A real sample transaction re-dated (and re-hashed, so it is new data): only first_seen is synthetic."""
+    from btc_anomaly.ingestion.replay_source import loop_hash
+
+    tx = orjson.loads(line)
+    return with_changes(line, hash=loop_hash(tx["hash"], tag), first_seen=first_seen.isoformat())
+
+
+def test_first_seen_outside_genesis_and_now_plus_skew_is_invalid(spark: Any) -> None:
+    now = dt.datetime.now(dt.UTC)
+    line = sample_lines()[0]
+    values = [
+        _dated(line, now + dt.timedelta(days=365), 1),
+        _dated(line, dt.datetime(2009, 1, 2, 23, 59, tzinfo=dt.UTC), 2),
+        _dated(line, now + dt.timedelta(minutes=30), 3),  # within the 2 h default skew
+        _dated(line, dt.datetime(2009, 1, 3, tzinfo=dt.UTC), 4),  # the first valid instant
+    ]
+    rows = _spark_verdicts(spark, values)
+    assert [r[ERRORS] for r in rows] == [
+        [first_seen_too_late(7200)],
+        [FIRST_SEEN_TOO_EARLY],
+        [],
+        [],
+    ]
+    assert parse(kafka_frame(spark, values[2:3]), max_skew_s=60).first()[ERRORS] == [first_seen_too_late(60)]
+
+
+def test_a_future_dated_record_is_quarantined_and_the_windows_keep_updating(
+    spark: Any, kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """Without the bound, the record dated next year moved the stats watermark a year ahead, and every
+    later row was dropped as late: ``tx_stats_*`` stopped updating with no error."""
+    settings = kafka_settings.model_copy(
+        update={"lake_root": tmp_path / "lake", "stream_metrics_port": 0, "stream_watermark": "10 minutes"}
+    )
+    lines = sample_lines()
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    before = [_dated(line, now - dt.timedelta(minutes=5), 5000 + i) for i, line in enumerate(lines[:20])]
+    future = _dated(lines[20], now + dt.timedelta(days=365), 5100)
+    after = [_dated(line, now - dt.timedelta(minutes=1), 5200 + i) for i, line in enumerate(lines[21:41])]
+    create_topic(settings.kafka_bootstrap, settings.topic)
+    runner = StreamRunner(settings, spark)  # type: ignore[arg-type]
+
+    publish(settings.kafka_bootstrap, settings.topic, [(key_of(v), v) for v in [*before, future]])
+    runner.run_available_now()  # the stats query's watermark is checkpointed after this run
+    publish(settings.kafka_bootstrap, settings.topic, [(key_of(v), v) for v in after])
+    runner.run_available_now()
+
+    quarantine = delta_reader.read_table(settings.lake_table("quarantine"))
+    assert [bytes(v) for v in quarantine["value"]] == [future]
+    assert list(quarantine["error"]) == [first_seen_too_late(settings.first_seen_max_skew_s)]
+    stored = delta_reader.read_arrow(settings.lake_table("transactions"), columns=["hash"])["hash"]
+    assert key_of(future).decode() not in stored.to_pylist()
+    stats = delta_reader.read_table(settings.lake_table("tx_stats_1m")).set_index("window_start")
+    want = expected_stats([Transaction.from_json(v) for v in [*before, *after]], 60).set_index("window_start")
+    assert stats["tx_count"].astype("int64").to_dict() == want["tx_count"].astype("int64").to_dict()

@@ -36,7 +36,16 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from btc_anomaly.schema import Transaction, _unwrap, non_negative_fields, required_fields, spark_schema
+from btc_anomaly.schema import (
+    FIRST_SEEN_MIN,
+    FIRST_SEEN_TOO_EARLY,
+    Transaction,
+    _unwrap,
+    first_seen_too_late,
+    non_negative_fields,
+    required_fields,
+    spark_schema,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -190,17 +199,26 @@ def _needs_attention(model: type[BaseModel], element_rules: list[tuple[Any, str]
     return predicate
 
 
-def parse(kafka_df: DataFrame) -> DataFrame:
+def parse(kafka_df: DataFrame, *, max_skew_s: float | None = None) -> DataFrame:
     """Kafka rows → canonical columns, ``errors`` (array<string>, empty = valid) and the Kafka columns.
 
     ``kafka_df`` has the Kafka source's columns (key, value, topic, partition, offset, timestamp, ...).
     The hot path evaluates one conjunction of cheap predicates per record; the reasons (which need
     the JSON keys and one pass per rule over the arrays) are computed only for invalid records.
+
+    ``first_seen`` must lie in [2009-01-03, batch time + ``max_skew_s``] (schema.first_seen_error, the
+    producer's check): the aggregates' watermark follows the largest event time, so one future-dated
+    row would make every later row late. ``None`` takes ``Settings.first_seen_max_skew_s`` of the
+    process (what `btc-anomaly stream` runs with).
     """
     from functools import reduce
 
     from pyspark.sql import functions as F
 
+    if max_skew_s is None:
+        from btc_anomaly.config import get_settings
+
+        max_skew_s = get_settings().first_seen_max_skew_s
     rules = _rules()
     known = list(rules)
     text = F.col("value").cast("string")
@@ -278,7 +296,15 @@ def parse(kafka_df: DataFrame) -> DataFrame:
     output_sum = F.aggregate(
         tx["outputs"], F.lit(0).cast("long"), lambda acc, o: F.try_add(acc, F.coalesce(o["value"], F.lit(0)))
     )
+    # Event-time bounds in microseconds (no time-zone conversion involved); current_timestamp() is the
+    # micro-batch's start, fixed for the whole batch.
+    first_seen_us = F.unix_micros(tx["first_seen"])
     checks += [
+        _check(first_seen_us < F.lit(int(FIRST_SEEN_MIN.timestamp()) * 1_000_000), FIRST_SEEN_TOO_EARLY),
+        _check(
+            first_seen_us > F.unix_micros(F.current_timestamp()) + F.lit(int(max_skew_s * 1_000_000)),
+            first_seen_too_late(max_skew_s),
+        ),
         _check(tx["input_count"] != F.size(tx["inputs"]), "input_count != number of inputs"),
         _check(tx["output_count"] != F.size(tx["outputs"]), "output_count != number of outputs"),
         _check(
