@@ -3,12 +3,15 @@
 The lake holds the bundled sample (5,274 real transactions, first_seen spread over the last hour as the
 replay does) scored by the session's champion: a model trained on the sample, registered in a real
 MLflow server and promoted by the gate (``champion_settings`` in conftest). Screenshots go to
-``artifacts/screenshots/``.
+``artifacts/screenshots/``; with ``UPDATE_DOCS_SCREENSHOTS=1`` (``make screenshots``) the overview is also
+copied to ``docs/dashboard.png``, the README's picture.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,14 +23,22 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from btc_anomaly.config import Settings
+from btc_anomaly.config import PROJECT_ROOT, Settings
 from btc_anomaly.dashboard.app import create_app
 from btc_anomaly.dashboard.demo import DemoLake, write_demo_lake
+from btc_anomaly.detectors.risk import SEVERITIES
 from helpers.dashboard import browser_errors, chromium, screenshot, serve_app
 
 pytestmark = pytest.mark.e2e
 
 WAIT_S = 60
+DOCS = PROJECT_ROOT / "docs"
+
+
+def publish(path: Path, name: str) -> None:
+    """``make screenshots``: the browser test's picture becomes the documentation's."""
+    if os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":
+        shutil.copyfile(path, DOCS / name)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +152,7 @@ def test_every_panel_renders_with_data(driver: Any, url: str, lake: DemoLake, se
     assert not browser_errors(driver)
     path = screenshot(driver, "dashboard-overview")
     assert path.stat().st_size > 50_000
+    publish(path, "dashboard.png")
 
 
 def test_threshold_slider_relabels_to_the_count_the_data_implies(
@@ -181,6 +193,51 @@ def test_threshold_slider_relabels_to_the_count_the_data_implies(
         driver, lambda d: kpi_number(d, "anomalies") == model_count, "reset to the model threshold failed"
     )
     assert "(model)" in text_of(driver, "#threshold-label")
+
+
+def choose_severity(driver: Any, label: str) -> None:
+    driver.find_element(By.ID, "severity-filter").click()
+    option = wait_for(
+        driver,
+        lambda d: next(
+            (o for o in d.find_elements(By.CSS_SELECTOR, "[role='option']") if o.text == label), None
+        ),
+        f"the severity dropdown has no option {label!r}",
+    )
+    option.click()
+
+
+def test_severity_dropdown_filters_the_table(driver: Any, url: str, lake: DemoLake) -> None:
+    open_overview(driver, url)
+    choose_window(driver, "all")
+    anomalies = int(lake.scored["is_anomaly"].sum())
+    wait_for(
+        driver, lambda d: text_of(d, "#table-caption").startswith(f"{anomalies:,} anomalies"), "no caption"
+    )
+    # Independent counts: pandas over the scored frame, severities in their documented order.
+    rank = lake.scored["severity"].map({s: i for i, s in enumerate(SEVERITIES)})
+    counts = {s: int((rank >= SEVERITIES.index(s)).sum()) for s in ("medium", "high", "severe")}
+    assert counts["medium"] > counts["high"] > 0, counts  # the sample has something to filter
+    for value, label in (("high", "risk: high or above"), ("medium", "risk: medium or above")):
+        choose_severity(driver, label)
+        caption = f"{counts[value]:,} transactions of severity {value} or above"
+        wait_for(
+            driver,
+            lambda d, c=caption: text_of(d, "#table-caption").startswith(c),
+            f"caption never became {caption!r} (shows {text_of(driver, '#table-caption')!r})",
+        )
+        shown = [
+            c.text
+            for c in driver.find_elements(By.CSS_SELECTOR, "#anomalies td[data-dash-column='severity']")
+        ]
+        assert shown and all(SEVERITIES.index(s) >= SEVERITIES.index(value) for s in shown), shown
+    screenshot(driver, "dashboard-severity")
+    choose_severity(driver, "forest anomalies")
+    wait_for(
+        driver,
+        lambda d: text_of(d, "#table-caption").startswith(f"{anomalies:,} anomalies"),
+        "back to the forest's anomalies failed",
+    )
 
 
 def test_row_click_opens_the_transaction_detail(driver: Any, url: str, lake: DemoLake) -> None:
