@@ -30,9 +30,17 @@ class Receiver:
     status: int = 200
     delay_s: float = 0.0
     retry_after: str | None = None
+    # Closed: every request is held (up to 10 s) before it is recorded and answered, so a caller that
+    # waited for HTTP would find its post recorded when it returns.
+    gate: threading.Event = field(default_factory=lambda: _opened(threading.Event()))
 
     def texts(self) -> list[str]:
         return [p["text"] for p in self.posts]
+
+
+def _opened(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
 
 
 @pytest.fixture
@@ -42,6 +50,7 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            state.gate.wait(10)
             if state.delay_s:
                 time.sleep(state.delay_s)
             state.posts.append(json.loads(body))
@@ -64,6 +73,7 @@ def receiver() -> Iterator[Receiver]:
     try:
         yield state
     finally:
+        state.gate.set()
         server.shutdown()
         server.server_close()
 
@@ -113,10 +123,12 @@ def test_one_anomaly_is_one_slack_message(receiver: Receiver) -> None:
 def test_a_burst_becomes_three_messages_and_one_summary(receiver: Receiver) -> None:
     n = make(receiver.url, rate_per_min=60.0, burst=3)
     summarised = sample("btc_notifier_summarised_total")
-    started = time.monotonic()
+    receiver.gate.clear()
     for i in range(50):
         assert n.notify_anomaly(f"{i:064x}", 0.5 + i / 1000, model_kind="full" if i % 2 else "structural")
-    assert time.monotonic() - started < 0.5, "notify_anomaly must not wait for HTTP"
+    # Every call returned while the receiver still held the first request: none waited for HTTP.
+    assert receiver.posts == [], "notify_anomaly must not wait for HTTP"
+    receiver.gate.set()
     assert n.flush(10)
     n.close()
     assert len(receiver.posts) == 4, receiver.texts()
@@ -227,13 +239,12 @@ def test_failures_are_counted_and_never_reach_the_caller(receiver: Receiver) -> 
 
 
 def test_a_slow_receiver_times_out_and_never_blocks_the_caller(receiver: Receiver) -> None:
-    receiver.delay_s = 1.5
+    receiver.gate.clear()  # answers nothing until the end of the test
     n = make(receiver.url, timeout_s=0.3, burst=5)
     before = sample("btc_notifier_failures_total", reason="timeout")
-    started = time.monotonic()
     for i in range(5):
         n.notify_anomaly(f"{i:064x}", 0.9)
-    assert time.monotonic() - started < 0.1
+    assert receiver.posts == []  # every call returned with the receiver still silent
     assert n.flush(10)
     n.close()
     assert sample("btc_notifier_failures_total", reason="timeout") >= before + 1
