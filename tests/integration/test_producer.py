@@ -25,7 +25,7 @@ from btc_anomaly.ingestion.partitioning import partitions_for
 from btc_anomaly.ingestion.producer import ProducerStats, TxProducer, run_producer
 from btc_anomaly.ingestion.replay_source import BlockFileSource, read_lines
 from btc_anomaly.runtime.kafka_broker import free_port
-from btc_anomaly.schema import Transaction
+from btc_anomaly.schema import Transaction, first_seen_too_late
 from fakes.blockchain_com import FakeBlockchainCom, Fault, fake_blockchain, fake_settings, malformed_txs
 
 pytestmark = pytest.mark.integration
@@ -176,6 +176,72 @@ def test_dead_letters_carry_raw_payload_and_reason(kafka_settings: Settings, tmp
         assert envelope["source"] == "replay"
         assert dt.datetime.fromisoformat(envelope["time"]) >= started
         assert envelope["raw_truncated"] is False
+
+
+def two_megabyte_tx() -> Transaction:
+    """A real sample transaction with its outputs repeated until its record is over 2 MB (labelled
+    synthetic size: real outputs, fresh hash via replay's loop_hash). Kafka's max.request.size is 1 MiB."""
+    from btc_anomaly.ingestion.replay_source import loop_hash
+
+    original = next(
+        t
+        for t in map(Transaction.from_json, read_lines([SAMPLE]))
+        if t.fee is not None and t.input_value is not None and 0 < t.output_value < 10**9
+    )
+    copy_bytes = len(orjson.dumps([o.model_dump() for o in original.outputs]))
+    outputs = list(original.outputs) * (int(2.1 * 1024 * 1024) // copy_bytes)  # a record just over 2 MiB
+    output_value = sum(o.value for o in outputs)
+    assert original.fee is not None
+    return original.model_copy(
+        update={
+            "hash": loop_hash(original.hash, 2_000_000),
+            "outputs": outputs,
+            "output_count": len(outputs),
+            "output_value": output_value,
+            "input_value": output_value + original.fee,
+        }
+    )
+
+
+def test_a_record_kafka_refuses_and_a_future_dated_one_go_to_the_dlq_and_the_rest_is_delivered(
+    kafka_settings: Settings,
+) -> None:
+    """Issue #19 items 4 and 5: a 2 MB record used to be re-queued at the head of the retry queue and
+    re-sent forever, so nothing behind it was ever delivered."""
+    big = Transaction.model_validate(two_megabyte_tx().model_dump())  # validated like any source's tx
+    assert len(big.to_json_bytes()) > 2 * 1024 * 1024
+    sample = [Transaction.from_json(line) for line in list(read_lines([SAMPLE]))[:60]]
+    future = sample[40].model_copy(
+        update={"first_seen": dt.datetime.now(dt.UTC) + dt.timedelta(days=365), "hash": "f" * 64}
+    )
+    items = [*sample[:20], big, *sample[20:40], future, *sample[40:]]
+    producer = TxProducer(kafka_settings)
+    stop = threading.Event()
+    done: list[ProducerStats] = []
+    thread = threading.Thread(target=lambda: done.append(producer.publish(items, stop=stop)), daemon=True)
+    thread.start()
+    thread.join(60)
+    stuck = thread.is_alive()
+    stop.set()  # unblocks a producer stuck re-sending, so the failure is an assertion, not a hang
+    thread.join(30)
+    assert not stuck, "the producer never got past the 2 MB record"
+    assert producer.flush(30)
+    stats = done[0]
+    producer.close()
+
+    assert (stats.rejected, stats.out_of_range, stats.published) == (1, 1, len(sample))
+    delivered = consume(kafka_settings.kafka_bootstrap, kafka_settings.topic, len(sample))
+    assert sorted(r.key.decode() for r in delivered) == sorted(t.hash for t in sample)
+    dead = {
+        r.key.decode(): orjson.loads(r.value)
+        for r in consume(kafka_settings.kafka_bootstrap, kafka_settings.dlq_topic, 2)
+    }
+    assert set(dead) == {big.hash, future.hash}
+    refused = dead[big.hash]
+    assert "MessageSizeTooLargeError" in refused["reason"] and refused["source"] == big.source
+    assert refused["raw_truncated"] is True and big.to_json_bytes().startswith(refused["raw"].encode())
+    assert dead[future.hash]["reason"] == first_seen_too_late(kafka_settings.first_seen_max_skew_s)
+    assert Transaction.from_json(dead[future.hash]["raw"]) == future
 
 
 def _raw_bytes(envelope: dict[str, Any]) -> bytes:

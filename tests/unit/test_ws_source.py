@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from prometheus_client import REGISTRY
 
 from btc_anomaly.ingestion.records import Failure, Item
@@ -172,3 +173,23 @@ def test_no_fallback_within_the_grace_period(fake_blockchain: FakeBlockchainCom)
     assert 2 <= attempts <= 12  # retried with growing delays (20 ms doubling, capped at 100 ms)
     assert not source.fallback_active
     assert fake_blockchain.count("/unconfirmed-transactions") == 0
+
+
+def test_pushes_beyond_the_queue_bound_are_dropped_and_counted(fake_blockchain: FakeBlockchainCom) -> None:
+    """Memory stays bounded while the producer does not take items (Kafka away): the push feed cannot be
+    paused, so pushes past ``producer_source_queue_max`` are dropped, counted and logged."""
+    txs = fake_blockchain.unconfirmed_txs[:8]
+    before = _errors("source_dropped")
+
+    async def go() -> tuple[list[Item], WsSource]:
+        async with BlockchainClient(fake_settings(fake_blockchain, producer_source_queue_max=3)) as client:
+            source = WsSource(client.settings, client)
+            for tx in txs:  # nobody reads the queue meanwhile
+                source._handle(orjson.dumps({"op": "utx", "x": tx}))
+            assert REGISTRY.get_sample_value("btc_producer_queue_depth", {"queue": "ws"}) == 3
+            queued = [source._queue.get_nowait() for _ in range(source._queue.qsize())]
+            return queued, source
+
+    queued, source = asyncio.run(go())
+    assert [i.hash for i in queued if isinstance(i, Transaction)] == [t["hash"] for t in txs[:3]]
+    assert source.dropped == 5 and _errors("source_dropped") - before == 5

@@ -14,6 +14,18 @@
   everything it had not acknowledged (see :meth:`TxProducer._reset_client` for why). Nothing is dropped
   until the process is stopped; a record whose acknowledgement was lost can be written twice
   (at-least-once), which the MERGE-by-hash downstream absorbs.
+* Records Kafka can never take (:data:`RECORD_ERRORS`: over ``max.request.size``, corrupt, invalid)
+  go to the DLQ with the error as reason instead of being retried; the records behind them go on.
+  Retriable errors (broker or partition away, timeouts) and topic-wide ones (authorization, a bad
+  topic name) are retried with backoff, oldest first: they hold every record alike, so waiting is all
+  there is to do, and it is counted (``btc_producer_errors_total{kind="kafka_send"}``) and alerted.
+* Event time: a transaction whose ``first_seen`` is outside [2009-01-03, now + ``first_seen_max_skew_s``]
+  goes to the DLQ (schema.first_seen_error); the stream applies the same bound. Replayed records are
+  stamped with the wall clock when sent, so only sources that carry their own time are checked.
+* Memory: live sources hand items over through a queue of ``producer_source_queue_max`` items
+  (:func:`iterate_async`); while Kafka is away the publish loop waits in the retries, the queue fills
+  and the source is held (REST polls later; the WebSocket drops pushes with a count, see ws_source.py).
+  ``btc_producer_queue_depth`` shows each queue.
 * Delivery is tracked by sweeping the futures in batches rather than per-message callbacks, which cost
   a quarter of the throughput in measurements (bench/RESULTS.md).
 """
@@ -39,16 +51,35 @@ from typing import Any, TypeVar
 import orjson
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.dedup import Dedup
-from btc_anomaly.ingestion.records import Encoded, Failure, Item
+from btc_anomaly.ingestion.records import PRODUCER_QUEUE_DEPTH, Encoded, Failure, Item
 from btc_anomaly.monitoring import metrics
 from btc_anomaly.monitoring.kafka_logging import waiting_for_kafka
-from btc_anomaly.schema import Transaction
+from btc_anomaly.schema import Transaction, first_seen_error
 
 log = logging.getLogger(__name__)
+
+# Errors about one record itself (its size or content): re-sending it can never succeed. Raised by
+# send() (kafka-python's size check) or set on its future by the broker.
+RECORD_ERRORS: tuple[type[KafkaError], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    CorruptRecordError,
+    InvalidRecordError,
+    InvalidTimestampError,
+)
+
 
 T = TypeVar("T")
 
@@ -67,6 +98,8 @@ class ProducerStats:
     dlq_published: int = 0  # acknowledged on the DLQ
     dlq_duplicates: int = 0  # the same rejected payload again (e.g. every poll): not re-sent
     requeued: int = 0
+    rejected: int = 0  # refused by Kafka for good (RECORD_ERRORS): sent to the DLQ instead
+    out_of_range: int = 0  # first_seen outside [2009-01-03, now + skew]: sent to the DLQ
     client_resets: int = 0  # Kafka client replaced after a delivery failure
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,6 +112,8 @@ class ProducerStats:
             "dlq_published": self.dlq_published,
             "dlq_duplicates": self.dlq_duplicates,
             "requeued": self.requeued,
+            "rejected": self.rejected,
+            "out_of_range": self.out_of_range,
             "client_resets": self.client_resets,
         }
 
@@ -115,6 +150,15 @@ def _failure_digest(failure: Failure) -> str:
     text, _ = raw_text(failure.raw)
     data = f"{failure.source}\0{failure.reason}\0{text}".encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _record_source(value: bytes) -> str:
+    """The ``source`` field of a canonical record (for the DLQ envelope of a record Kafka refused)."""
+    try:
+        source = orjson.loads(value).get("source")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unknown"
+    return source if isinstance(source, str) else "unknown"
 
 
 def _failure_key(failure: Failure) -> bytes | None:
@@ -274,6 +318,7 @@ class TxProducer:
         seen = self.dedup.seen
         topic = self.topic
         send = self._send
+        max_skew_s = self.settings.first_seen_max_skew_s
         sent_here = 0
         n = 0
         for item in items:
@@ -305,6 +350,11 @@ class TxProducer:
                 )
                 # Live sources are slow: keep delivery tracking and metrics current per item (time-gated).
                 self._maybe_sweep()
+                if (reason := first_seen_error(item.first_seen, max_skew_s=max_skew_s)) is not None:
+                    fetched[source] += 1
+                    stats.out_of_range += 1
+                    self._send_dlq(Failure(raw=value, reason=reason, source=source), key=tx_hash.encode())
+                    continue
             else:
                 fetched[item.source] += 1
                 self._send_dlq(item)
@@ -326,10 +376,14 @@ class TxProducer:
     def _send(
         self, topic: str, key: bytes | None, value: bytes, partition: int | None, *, requeue: bool = True
     ) -> bool:
-        """Hand one record to the client; on failure queue it again (or leave that to the caller)."""
+        """Hand one record to the client; False when it must be sent again (queued again unless the
+        caller does that). A record Kafka can never take is dead-lettered: that counts as handled."""
         assert self._producer is not None
         try:
             future = self._producer.send(topic, value=value, key=key, partition=partition)
+        except RECORD_ERRORS as exc:
+            self._reject(topic, key, value, exc)
+            return True
         except KafkaError as exc:  # no metadata or buffer space within max_block_ms: broker unreachable
             if requeue:
                 self._requeue(topic, key, value, partition, exc)
@@ -341,14 +395,26 @@ class TxProducer:
             self._maybe_sweep(force=True)
         return True
 
-    def _send_dlq(self, failure: Failure) -> None:
+    def _send_dlq(self, failure: Failure, *, key: bytes | None = None) -> None:
         if self._dlq_seen.seen((_failure_digest(failure), False)):
             self.stats.dlq_duplicates += 1
             return
         self.stats.dlq += 1
         metrics.PRODUCER_DLQ.labels(source=failure.source).inc()
         log.info("dead letter from %s: %s", failure.source, failure.reason)
-        self._send(self.dlq_topic, _failure_key(failure), dlq_envelope(failure), None)
+        self._send(self.dlq_topic, key or _failure_key(failure), dlq_envelope(failure), None)
+
+    def _reject(self, topic: str, key: bytes | None, value: bytes, exc: BaseException) -> None:
+        """A record Kafka refused for good: to the DLQ with the error, never retried."""
+        metrics.producer_error("kafka_rejected")
+        if topic == self.dlq_topic:
+            # A dead letter cannot go to the dead-letter topic: say so loudly, it is counted above.
+            log.error("kafka refused a dead letter (%d bytes, key %r): %s; dropped", len(value), key, exc)
+            return
+        self.stats.rejected += 1
+        reason = f"kafka refused the record ({len(value)} bytes): {type(exc).__name__}: {exc}"
+        log.warning("%s; key %r sent to the DLQ", reason, key)
+        self._send_dlq(Failure(raw=value, reason=reason, source=_record_source(value)), key=key)
 
     def _requeue(
         self, topic: str, key: bytes | None, value: bytes, partition: int | None, exc: BaseException | None
@@ -385,6 +451,7 @@ class TxProducer:
         self._last_sweep = now
         still: list[tuple[Any, str, bytes | None, bytes, int | None]] = []
         acked = dlq_acked = failed = 0
+        rejected: list[tuple[Any, str, bytes | None, bytes, int | None]] = []
         for entry in self._pending:
             future = entry[0]
             if not future.is_done:
@@ -394,16 +461,21 @@ class TxProducer:
                     acked += 1
                 else:
                     dlq_acked += 1
+            elif isinstance(future.exception, RECORD_ERRORS):
+                rejected.append(entry)
             else:
                 failed += 1
                 self._requeue(entry[1], entry[2], entry[3], entry[4], future.exception)
         self._pending = still
+        for done, topic, key, value, _ in rejected:  # after the swap: dead-lettering appends to _pending
+            self._reject(topic, key, value, done.exception)
         # In-flight sends stay pending; sweeping again only after _SWEEP_EVERY more keeps sweeps O(n) overall.
         self._sweep_at = len(still) + _SWEEP_EVERY
         if acked:
             self.stats.published += acked
             metrics.PRODUCER_LAST_PUBLISH.set(time.time())
         self.stats.dlq_published += dlq_acked
+        PRODUCER_QUEUE_DEPTH.labels(queue="retry").set(len(self._retry))
         self._export_metrics()
         if failed:
             self._reset_client()
@@ -428,6 +500,8 @@ class TxProducer:
         for future, topic, key, value, partition in pending:
             if future.is_done and future.exception is None:
                 acked += topic == self.topic
+            elif future.is_done and isinstance(future.exception, RECORD_ERRORS):
+                self._reject(topic, key, value, future.exception)
             else:
                 self._retry.append((topic, key, value, partition))
         self.stats.published += acked
@@ -514,21 +588,32 @@ class _Raised:
 _END = object()
 
 
-def iterate_async(make: Callable[[], AsyncIterator[T]], stop: threading.Event) -> Iterator[T | None]:
+def iterate_async(
+    make: Callable[[], AsyncIterator[T]], stop: threading.Event, *, maxsize: int
+) -> Iterator[T | None]:
     """Run an async source in its own thread and event loop; yield its items here, ``None`` when idle.
 
     The producer's Kafka calls can block (broker away); keeping the event loop in another thread means
-    WebSocket pings and reconnects go on meanwhile. The hand-over queue is unbounded because live
-    sources deliver a few transactions per second. Stops when ``stop`` is set or the consumer leaves.
+    WebSocket pings and reconnects go on meanwhile. The hand-over queue holds at most ``maxsize`` items:
+    when it is full the source is not read (its next item waits), so an outage longer than the queue
+    costs no memory; each source decides what waiting means for it (REST polls later, the WebSocket
+    drops pushes with a count). Stops when ``stop`` is set or the consumer leaves.
     """
-    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, maxsize))
     leave = threading.Event()
+    depth = PRODUCER_QUEUE_DEPTH.labels(queue="source")
 
     async def pump() -> None:
         agen = make()
         try:
             async for item in agen:
-                q.put(item)
+                while True:
+                    try:
+                        q.put_nowait(item)
+                        break
+                    except queue.Full:
+                        depth.set(q.qsize())
+                        await asyncio.sleep(0.05)  # polling keeps the loop free; cancelled on stop
         finally:
             await agen.aclose()  # type: ignore[attr-defined]
 
@@ -545,9 +630,9 @@ def iterate_async(make: Callable[[], AsyncIterator[T]], stop: threading.Event) -
         try:
             asyncio.run(main())
         except BaseException as exc:
-            q.put(_Raised(exc))
+            _put_final(q, _Raised(exc), leave)
         finally:
-            q.put(_END)
+            _put_final(q, _END, leave)
 
     thread = threading.Thread(target=run, name="btc-source", daemon=True)
     thread.start()
@@ -556,8 +641,10 @@ def iterate_async(make: Callable[[], AsyncIterator[T]], stop: threading.Event) -
             try:
                 item = q.get(timeout=0.2)
             except queue.Empty:
+                depth.set(0)
                 yield None  # idle tick: the consumer can flush bookkeeping and check its stop flag
                 continue
+            depth.set(q.qsize())
             if item is _END:
                 return
             if isinstance(item, _Raised):
@@ -566,6 +653,16 @@ def iterate_async(make: Callable[[], AsyncIterator[T]], stop: threading.Event) -
     finally:
         leave.set()
         thread.join(timeout=10)
+
+
+def _put_final(q: queue.Queue[Any], item: object, leave: threading.Event) -> None:
+    """Hand over the source's end (or its error) even when the queue is full, unless nobody reads."""
+    while not leave.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
 
 
 # --- wiring used by the CLI and the tests -----------------------------------------------------------
@@ -604,14 +701,16 @@ def build_source(
         from btc_anomaly.ingestion.rest_source import BlockchainClient, RestSource, fetch_tx_items
 
         if paths:
-            return iterate_async(lambda: fetch_tx_items(settings, paths), stop)
+            return iterate_async(
+                lambda: fetch_tx_items(settings, paths), stop, maxsize=settings.producer_source_queue_max
+            )
 
         async def rest() -> AsyncIterator[Item]:
             async with BlockchainClient(settings) as client:
                 async for item in RestSource(settings, client):
                     yield item
 
-        return iterate_async(rest, stop)
+        return iterate_async(rest, stop, maxsize=settings.producer_source_queue_max)
     if source == "ws":
         from btc_anomaly.ingestion.rest_source import BlockchainClient
         from btc_anomaly.ingestion.ws_source import WsSource
@@ -624,7 +723,7 @@ def build_source(
                 async for item in WsSource(settings, client):
                     yield item
 
-        return iterate_async(ws, stop)
+        return iterate_async(ws, stop, maxsize=settings.producer_source_queue_max)
     raise ValueError(f"unknown source {source!r}: expected rest, ws, replay or blocks")
 
 

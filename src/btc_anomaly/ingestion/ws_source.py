@@ -12,6 +12,13 @@ reconnecting after an outage should not arrive in lock-step). When the feed has 
 ``ws_fallback_after_s``, REST polling (:class:`~btc_anomaly.ingestion.rest_source.RestSource`) runs
 alongside the reconnect attempts and stops as soon as the WebSocket is back. Duplicates this causes
 are removed by the producer's dedup.
+
+Bounded memory. Pushes wait in a queue of ``producer_source_queue_max`` items until the producer takes
+them. When it is full (Kafka away longer than the queue covers) a push is dropped and counted
+(``btc_producer_errors_total{kind="source_dropped"}``, alerted): a push feed cannot be paused — a
+reader that stops reading misses its pings and is disconnected, which loses everything after — and a
+dropped mempool sighting is not a lost transaction, since the block that confirms it is fetched and
+published. Block fetches and the REST fallback wait for room instead of dropping (they are pulls).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from websockets.exceptions import WebSocketException
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.blockchain_com import from_blockchain_tx
-from btc_anomaly.ingestion.records import Failure, Item
+from btc_anomaly.ingestion.records import PRODUCER_QUEUE_DEPTH, Failure, Item
 from btc_anomaly.ingestion.rest_source import BlockchainClient, FetchError, RestSource, fetch_block_items
 from btc_anomaly.monitoring.metrics import (
     PRODUCER_LAST_FETCH,
@@ -68,7 +75,9 @@ class WsSource:
         self.rest = RestSource(settings, client, source="rest")
         self._rng = rng or random.Random()
         self._clock = clock
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=max(1, settings.producer_source_queue_max))
+        self._depth = PRODUCER_QUEUE_DEPTH.labels(queue="ws")
+        self.dropped = 0  # pushes dropped because the queue was full
         self._down_since: float | None = None
         self._fallback: asyncio.Task[None] | None = None
         self._block_tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +98,7 @@ class WsSource:
                 getter = asyncio.ensure_future(self._queue.get())
                 done, _ = await asyncio.wait([getter, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
+                    self._depth.set(self._queue.qsize())
                     yield getter.result()
                     continue
                 getter.cancel()
@@ -169,24 +179,22 @@ class WsSource:
         try:
             data = orjson.loads(message)
         except orjson.JSONDecodeError as exc:
-            self._queue.put_nowait(Failure(raw=message, reason=f"bad JSON: {exc}", source="ws"))
+            self._offer(Failure(raw=message, reason=f"bad JSON: {exc}", source="ws"))
             return
         op = data.get("op") if isinstance(data, dict) else None
         if op == "utx":
             try:
                 tx = from_blockchain_tx(data.get("x"), source="ws")
             except InvalidTransaction as exc:
-                self._queue.put_nowait(Failure(raw=message, reason=exc.reason, source="ws"))
+                self._offer(Failure(raw=message, reason=exc.reason, source="ws"))
                 return
             PRODUCER_LAST_FETCH.labels(source="ws").set(time.time())
-            self._queue.put_nowait(tx)
+            self._offer(tx)
         elif op == "block" and self.settings.fetch_blocks:
             block = data.get("x")
             block_hash = block.get("hash") if isinstance(block, dict) else None
             if not isinstance(block_hash, str):
-                self._queue.put_nowait(
-                    Failure(raw=message, reason="block message without a hash", source="ws")
-                )
+                self._offer(Failure(raw=message, reason="block message without a hash", source="ws"))
                 return
             if block_hash == self.rest.last_block_hash or block_hash in self._fetching:
                 return
@@ -197,6 +205,21 @@ class WsSource:
             task.add_done_callback(self._block_tasks.discard)
         elif op not in ("pong", "block"):
             log.debug("ignored websocket message op=%r", op)
+
+    def _offer(self, item: Item) -> None:
+        """Queue a push, or drop and count it when the queue is full (see the module docstring)."""
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            producer_error("source_dropped")
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning(
+                    "producer queue full (%d items): %d websocket pushes dropped so far",
+                    self._queue.maxsize,
+                    self.dropped,
+                )
+        self._depth.set(self._queue.qsize())
 
     async def _fetch_block(self, block_hash: str) -> None:
         try:
@@ -210,7 +233,7 @@ class WsSource:
             self._fetching.discard(block_hash)
         self.rest.last_block_hash = block_hash
         for item in items:
-            self._queue.put_nowait(item)
+            await self._queue.put(item)
 
     # --- REST fallback -----------------------------------------------------------------------------
 
@@ -230,7 +253,7 @@ class WsSource:
 
     async def _poll_rest(self) -> None:
         async for item in self.rest.stream():
-            self._queue.put_nowait(item)
+            await self._queue.put(item)
 
     def _stop_fallback(self) -> None:
         if self._fallback is not None:
