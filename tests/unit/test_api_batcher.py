@@ -64,3 +64,20 @@ def test_large_bursts_are_split() -> None:
     out = asyncio.run(run())
     assert coalescer.calls == 3  # 30 + 30 rows per call at most 64
     assert all(o == out[0] for o in out)
+
+
+def test_bursts_are_split_by_inputs_and_outputs_too() -> None:
+    """Five concurrent jobs of the sample's biggest transaction (650 inputs + outputs each), with room for
+    2.5 of them per call: two per call, whatever the row count allows."""
+    served = served_sample_model()
+    biggest = max(sample_records(), key=lambda r: r["input_count"] + r["output_count"])
+    item = [ITEM_ADAPTER.validate_python(biggest)]
+    ios = inference.count_ios(item)
+    coalescer = Coalescer(max_ios=ios * 2 + ios // 2)
+
+    async def run() -> list[list[dict]]:
+        return list(await asyncio.gather(*(coalescer.submit(served, inference.Job(item)) for _ in range(5))))
+
+    out = asyncio.run(run())
+    assert coalescer.calls == 3 and coalescer.jobs == 5
+    assert all(o == out[0] for o in out)

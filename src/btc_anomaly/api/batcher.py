@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from btc_anomaly.api.inference import Job, predict_jobs
+from btc_anomaly.api.inference import Job, count_ios, predict_jobs
 from btc_anomaly.api.model_holder import Served
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ class _Pending:
 class Coalescer:
     top_k: int = 3
     max_rows: int = 512  # rows per scoring call; a burst beyond it is scored in several calls
+    # Inputs + outputs per scoring call: the feature cost follows them, and each call holds the event loop.
+    max_ios: int = 4_000
     _pending: list[_Pending] = field(default_factory=list)
     _scheduled: bool = False
     calls: int = 0  # scoring calls made (with ``jobs``: the average coalescing factor)
@@ -60,13 +62,15 @@ class Coalescer:
                 by_model.setdefault(id(p.served), []).append(p)
         for group in by_model.values():
             chunk: list[_Pending] = []
-            rows = 0
+            rows = ios = 0
             for p in group:
-                if chunk and rows + len(p.job.items) > self.max_rows:
+                n, n_ios = len(p.job.items), count_ios(p.job.items)
+                if chunk and (rows + n > self.max_rows or ios + n_ios > self.max_ios):
                     self._score(chunk)
-                    chunk, rows = [], 0
+                    chunk, rows, ios = [], 0, 0
                 chunk.append(p)
-                rows += len(p.job.items)
+                rows += n
+                ios += n_ios
             if chunk:
                 self._score(chunk)
 
