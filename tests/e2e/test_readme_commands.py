@@ -59,7 +59,7 @@ SHAPES: dict[tuple[str, str], dict[str, Any]] = {
             False: {"index", "valid", "reason"},
         }
     },
-    ("GET", "/anomalies"): {"object": {"count", "items", "table"}, "items": SCORED_ROW},
+    ("GET", "/anomalies"): {"object": {"count", "items"}, "items": SCORED_ROW},
     ("GET", "/addresses/"): {
         "object": {"address", "watchlists", "transactions", "count", "truncated", "highest_risk", "rule_hits"}
     },
@@ -176,24 +176,42 @@ def test_readme_rule_finds_the_examples() -> None:
     print("skipped (not requests to the running stack):\n" + "\n".join(skipped))
 
 
+def check(command: Command, stack: DemoStack, out: Path) -> str | None:
+    """Why the example does not work against the stack, or None when it does."""
+    code, status, stderr = run_curl(to_stack(command.text, stack), out)
+    where = f"README.md:{command.line}: {command.text[:160]}"
+    body_text = out.read_text(errors="replace") if out.exists() else ""
+    if code != 0 or not status.startswith("2"):
+        return f"{where}\n  curl exit {code}, HTTP {status}: {body_text[:300]} {stderr[:200]}"
+    try:
+        body = json.loads(body_text)
+    except json.JSONDecodeError:
+        return f"{where}\n  not JSON: {body_text[:300]}"
+    errors = shape_errors((command.method, command.path), body)
+    return f"{where}\n  " + "; ".join(errors) if errors else None
+
+
 @pytest.mark.timeout(600)
 def test_every_readme_example_answers_2xx_with_its_shape(demo_stack: DemoStack, tmp_path: Path) -> None:
     run, _ = stack_blocks(README.read_text())
-    failures = []
-    for i, command in enumerate(run):
-        out = tmp_path / f"body-{i}"
-        code, status, stderr = run_curl(to_stack(command.text, demo_stack), out)
-        where = f"README.md:{command.line}: {command.text[:160]}"
-        body_text = out.read_text(errors="replace") if out.exists() else ""
-        if code != 0 or not status.startswith("2"):
-            failures.append(f"{where}\n  curl exit {code}, HTTP {status}: {body_text[:300]} {stderr[:200]}")
-            continue
-        try:
-            body = json.loads(body_text)
-        except json.JSONDecodeError:
-            failures.append(f"{where}\n  not JSON: {body_text[:300]}")
-            continue
-        errors = shape_errors((command.method, command.path), body)
-        if errors:
-            failures.append(f"{where}\n  " + "; ".join(errors))
+    failures = [f for i, c in enumerate(run) if (f := check(c, demo_stack, tmp_path / f"body-{i}"))]
     assert not failures, "README examples that do not work:\n" + "\n".join(failures)
+
+
+def test_a_broken_example_fails_the_check(demo_stack: DemoStack, tmp_path: Path) -> None:
+    # The README's old /predict/raw example (an object around the array: 422) and a field the API does
+    # not answer: the check above must report both, or it proves nothing.
+    run, _ = stack_blocks(README.read_text())
+    raw = next(c for c in run if c.path == "/predict/raw")
+    old_body = raw.text.replace('-d "[', '-d "{\\"transactions\\": [').replace(']"', ']}"')
+    assert old_body != raw.text, raw.text
+    failure = check(Command(raw.line, old_body), demo_stack, tmp_path / "old")
+    assert failure is not None and "HTTP 422" in failure, failure
+    predict = next(c for c in run if c.path == "/predict")
+    assert check(predict, demo_stack, tmp_path / "ok") is None
+    SHAPES[("POST", "/predict")]["object"] = PREDICTION | {"a_field_the_api_never_had"}
+    try:
+        failure = check(predict, demo_stack, tmp_path / "shape")
+    finally:
+        SHAPES[("POST", "/predict")]["object"] = PREDICTION
+    assert failure is not None and "missing field 'a_field_the_api_never_had'" in failure, failure
