@@ -1,185 +1,83 @@
-"""promote(): the decision is recorded before the champion alias moves, and a failed run can be re-run.
+"""The promotion gate's pure logic: numbers and decisions in, checks and records out.
 
-A fake registry stands in for MLflow (the real one is exercised in tests/integration/test_model_lifecycle.py);
-the gate's checks are stubbed: this is about the order of registry writes, not the checks.
+Everything that touches the registry (the checks on real challengers, the order of registry writes, a
+half-done promotion finished by a re-run) runs against the real MLflow server in
+tests/integration/test_gate_checks.py and tests/integration/test_model_lifecycle.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import time
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
-from btc_anomaly.config import Settings
 from btc_anomaly.model import promotion
-from btc_anomaly.model.promotion import Check, champion_history, promote, promotion_history
+from btc_anomaly.model.promotion import Check, GateDecision
+
+# --- the decision's reason and record -------------------------------------------------------------------
+
+PASS = Check("canaries", True, 1.0, ">= 0.8", "5/5 canaries flagged")
+FAIL = Check("reference_stability", False, 0.2, "<= 0.05", "20.0% of 500 reference transactions flagged")
+FAIL2 = Check("min_train_rows", False, 20, ">= 1000", "trained on 20 rows (minimum 1,000)")
 
 
-@dataclass
-class _Version:
-    version: str
-    tags: dict[str, str] = field(default_factory=dict)
-    description: str = "trained"
-    run_id: str | None = None
+def _decision(checks: list[Check], promoted: bool, **kw: Any) -> GateDecision:
+    return GateDecision("m", "2", promoted, checks, "ci@test", "2026-01-01T00:00:00.000+00:00", **kw)
 
 
-class FakeRegistry:
-    def __init__(self, versions: int) -> None:
-        self.versions = {str(v): _Version(str(v)) for v in range(1, versions + 1)}
-        self.aliases: dict[str, str] = {}
-        self.log: list[tuple[str, ...]] = []
-        self.fail: dict[str, int] = {}  # method → failures left
-
-    def _maybe_fail(self, method: str) -> None:
-        if self.fail.get(method, 0) > 0:
-            self.fail[method] -= 1
-            raise ConnectionError(f"registry down during {method}")
-
-    def get_model_version(self, name: str, version: str) -> _Version:
-        return self.versions[str(version)]
-
-    def set_model_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        self._maybe_fail("set_model_version_tag")
-        self.versions[str(version)].tags[key] = value
-        self.log.append(("tag", str(version), key))
-
-    def update_model_version(self, name: str, version: str, description: str) -> None:
-        self._maybe_fail("update_model_version")
-        self.versions[str(version)].description = description
-        self.log.append(("description", str(version)))
-
-    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
-        self._maybe_fail("set_registered_model_alias")
-        self.aliases[alias] = str(version)
-        self.log.append(("alias", alias, str(version)))
-
-    def search_model_versions(self, _filter: str) -> list[_Version]:
-        return list(self.versions.values())
-
-
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> FakeRegistry:
-    reg = FakeRegistry(3)
-    monkeypatch.setattr(promotion, "client", lambda _s: reg)
-
-    def by_alias(_s: Settings, alias: str, _c: Any = None) -> Any:
-        v = reg.aliases.get(alias)
-        return reg.versions[v] if v else None
-
-    monkeypatch.setattr(promotion, "version_by_alias", by_alias)
-    monkeypatch.setattr(promotion, "load_version", lambda _s, v: SimpleNamespace(bundle=None, tags={}))
-    monkeypatch.setattr(promotion, "load_alias", lambda _s, a: SimpleNamespace(bundle=None, tags={}))
-    monkeypatch.setattr(
-        promotion,
-        "evaluate",
-        lambda *_a: ([Check("canaries", True, 1.0, ">= 0.8", "5/5 canaries flagged")], {"m": 1.0}),
+def test_reason_names_every_failed_check_and_only_those() -> None:
+    refused = _decision([PASS, FAIL, FAIL2], False)
+    assert refused.failed == [FAIL, FAIL2]
+    assert refused.reason == (
+        "reference_stability: 20.0% of 500 reference transactions flagged; "
+        "min_train_rows: trained on 20 rows (minimum 1,000)"
     )
-    return reg
+    assert refused.summary == f"refused m v2: {refused.reason}"
+    assert _decision([PASS, PASS], True).reason == "all 2 checks passed"
+    forced = _decision([PASS, FAIL], True, forced=True)
+    assert forced.reason == "forced despite: reference_stability: 20.0% of 500 reference transactions flagged"
+    assert _decision([], True, note="already the champion").reason == "already the champion"
 
 
-SETTINGS = Settings()
+def test_event_carries_the_decision_and_every_check() -> None:
+    event = _decision([PASS, FAIL], False, previous_champion="1", metrics={"x": 1.5}).to_event()
+    assert event["status"] == "refused" and event["previous_champion"] == "1"
+    assert [c["name"] for c in event["checks"]] == ["canaries", "reference_stability"]
+    assert event["checks"][1]["passed"] is False and event["metrics"] == {"x": 1.5}
+    assert json.loads(promotion._compact(event)) == event
 
 
-def test_record_is_written_before_the_alias_moves(registry: FakeRegistry) -> None:
-    registry.aliases["champion"] = "1"
-    registry.versions["1"].tags["promotion.status"] = "promoted"
-    d = promote(SETTINGS, "2", decided_by="ci@test")
-    assert d.promoted
-    alias_at = registry.log.index(("alias", "champion", "2"))
-    written = {entry[2] for entry in registry.log[:alias_at] if entry[0] == "tag" and entry[1] == "2"}
-    assert {
-        "promotion.status",
-        "promotion.reason",
-        "promotion.decided_at",
-        "promotion.previous_champion",
-    } <= written
-    assert any(k.startswith(promotion.EVENT_PREFIX) for k in written)
-    assert ("description", "2") in registry.log[:alias_at]
-    assert registry.versions["1"].tags["promotion.superseded_by"] == "2"
+def test_compact_event_fits_the_tag_limit_and_stays_json() -> None:
+    """A decision whose reason alone passes MLflow's 5000-character tag limit (a long benchmark error) is
+    still a readable event: before the fix its JSON was cut mid-string and promotion_history skipped it."""
+    small = _decision([PASS, FAIL], False).to_event()
+    assert json.loads(promotion._compact(small)) == small  # fits: unchanged
+    long = Check("benchmark", False, None, "x", "benchmark evaluation failed: " + "e" * 6000)
+    event = _decision([PASS, long], False, previous_champion="1").to_event()
+    text = promotion._compact(event)
+    assert len(text) <= 5000
+    slim = json.loads(text)
+    assert {k: slim[k] for k in ("version", "status", "decided_at", "previous_champion")} == {
+        "version": "2",
+        "status": "refused",
+        "decided_at": "2026-01-01T00:00:00.000+00:00",
+        "previous_champion": "1",
+    }
+    assert [(c["name"], c["passed"]) for c in slim["checks"]] == [("canaries", True), ("benchmark", False)]
+    assert "detail" not in slim["checks"][1]  # details go first
+    assert event["reason"].startswith(slim["reason"].rstrip("…")) and slim["reason"].endswith("…")
 
 
-def test_failed_tagging_leaves_the_champion_alone(registry: FakeRegistry) -> None:
-    registry.aliases["champion"] = "1"
-    registry.fail["set_model_version_tag"] = 1
-    with pytest.raises(ConnectionError):
-        promote(SETTINGS, "2", decided_by="ci@test")
-    assert registry.aliases["champion"] == "1"  # no champion the history cannot explain
-    assert promotion_history(SETTINGS) == []
-
-
-def test_failed_alias_move_is_finished_by_a_rerun_without_a_second_decision(registry: FakeRegistry) -> None:
-    registry.aliases["champion"] = "1"
-    registry.fail["set_registered_model_alias"] = 1
-    with pytest.raises(RuntimeError, match="run `btc-anomaly promote 2` again"):
-        promote(SETTINGS, "2", decided_by="ci@test")
-    assert registry.aliases["champion"] == "1"
-    first = promotion_history(SETTINGS)
-    assert [(e["version"], e["status"]) for e in first] == [("2", "promoted")]
-
-    again = promote(SETTINGS, "2", decided_by="ops@test")
-    assert again.promoted and again.decided_by == "ci@test"  # the recorded decision, not a new one
-    assert registry.aliases["champion"] == "2"
-    assert promotion_history(SETTINGS) == first
-    assert registry.versions["2"].description.count("PROMOTED") == 1
-    assert registry.versions["1"].tags["promotion.superseded_by"] == "2"
-    assert [e["version"] for e in champion_history(SETTINGS)] == ["2"]
-
-    # Re-running once more is a no-op.
-    log_len = len(registry.log)
-    assert promote(SETTINGS, "2").note == "already the champion"
-    assert len(registry.log) == log_len
-
-
-def test_superseded_marking_is_finished_by_a_rerun(registry: FakeRegistry) -> None:
-    registry.aliases["champion"] = "1"
-    calls = {"n": 0}
-    original = registry.update_model_version
-
-    def flaky(name: str, version: str, description: str) -> None:
-        if version == "1":  # the old champion's note, written after the alias moved
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise ConnectionError("registry down")
-        original(name, version, description)
-
-    registry.update_model_version = flaky  # type: ignore[method-assign]
-    with pytest.raises(ConnectionError):
-        promote(SETTINGS, "2")
-    assert registry.aliases["champion"] == "2"
-    assert "promotion.superseded_by" not in registry.versions["1"].tags
-    assert promote(SETTINGS, "2").note == "already the champion"
-    assert registry.versions["1"].tags["promotion.superseded_by"] == "2"
-    assert registry.versions["1"].description.count("SUPERSEDED") == 1
-
-
-def test_stale_pending_promotion_is_gated_again(registry: FakeRegistry) -> None:
-    """A promotion recorded over v1 whose alias never moved is not replayed once v3 became champion."""
-    registry.aliases["champion"] = "1"
-    registry.fail["set_registered_model_alias"] = 1
-    with pytest.raises(RuntimeError):
-        promote(SETTINGS, "2", decided_by="ci@test")
-    assert promote(SETTINGS, "3").promoted
-    time.sleep(0.002)  # event tags are keyed by decision time (ms): the fake registry is faster than that
-    d = promote(SETTINGS, "2", decided_by="ops@test")
-    assert d.decided_by == "ops@test" and d.previous_champion == "3"
-    assert registry.aliases["champion"] == "2"
-    assert len([e for e in promotion_history(SETTINGS) if e["version"] == "2"]) == 2
-
-
-def test_refusal_never_touches_the_alias(registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
-    registry.aliases["champion"] = "1"
-    monkeypatch.setattr(
-        promotion, "evaluate", lambda *_a: ([Check("canaries", False, 0.2, ">= 0.8", "1/5 flagged")], {})
-    )
-    d = promote(SETTINGS, "2")
-    assert not d.promoted
-    assert registry.aliases["champion"] == "1"
-    assert registry.versions["2"].tags["promotion.status"] == "refused"
-    assert not any(e[0] == "alias" for e in registry.log)
+def test_description_keeps_its_first_line_and_drops_the_oldest_decisions() -> None:
+    text = "trained on 5,274 rows"
+    for i in range(200):
+        text = promotion._append(text, f"[{i:04d}] REFUSED by ci: " + "x" * 40)
+    assert len(text) <= 5000
+    lines = text.splitlines()
+    assert lines[0] == "trained on 5,274 rows"
+    assert lines[-1].startswith("[0199]")
+    numbers = [int(line[1:5]) for line in lines[1:]]
+    assert numbers == sorted(numbers) and numbers[0] > 0  # the oldest went first, the order kept
 
 
 # --- the benchmark check (pure logic: numbers in, Check out) -------------------------------------------------

@@ -500,7 +500,15 @@ def _compact(event: dict[str, Any]) -> str:
         event,
         checks=[{"name": c["name"], "passed": c["passed"], "value": c["value"]} for c in event["checks"]],
     )
-    return json.dumps(slim, separators=(",", ":"), default=str)[:5000]
+    text = json.dumps(slim, separators=(",", ":"), default=str)
+    # Then the reason is shortened: cutting the JSON itself would leave an event promotion_history
+    # cannot parse, and the decision would vanish from the history.
+    reason = str(slim.get("reason", ""))
+    while len(text) > 5000 and reason:
+        reason = reason[: max(0, len(reason) - (len(text) - 5000) - 1)]
+        slim["reason"] = reason + "…"
+        text = json.dumps(slim, separators=(",", ":"), default=str)
+    return text
 
 
 def promotion_history(settings: Settings) -> list[dict[str, Any]]:
