@@ -167,10 +167,14 @@ def test_blocks_sub_only_when_fetching_blocks(fake_blockchain: FakeBlockchainCom
 
 def test_no_fallback_within_the_grace_period(fake_blockchain: FakeBlockchainCom) -> None:
     fake_blockchain.ws_refuse = 10**6
-    started = time.monotonic()
-    _, source = collect(fake_blockchain, lambda *_: time.monotonic() - started > 0.6, ws_fallback_after_s=30)
-    attempts = 10**6 - fake_blockchain.ws_refuse
-    assert 2 <= attempts <= 12  # retried with growing delays (20 ms doubling, capped at 100 ms)
+
+    def attempts() -> int:
+        return 10**6 - fake_blockchain.ws_refuse
+
+    # Waits for reconnect attempts, not for a wall-clock span: a loaded machine may run few per second.
+    # The delays between them are test_backoff_grows_with_jitter_and_cap's subject.
+    _, source = collect(fake_blockchain, lambda *_: attempts() >= 3, ws_fallback_after_s=30)
+    assert attempts() >= 3
     assert not source.fallback_active
     assert fake_blockchain.count("/unconfirmed-transactions") == 0
 
