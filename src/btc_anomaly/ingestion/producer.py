@@ -25,7 +25,6 @@
 * Memory: live sources hand items over through a queue of ``producer_source_queue_max`` items
   (:func:`iterate_async`); while Kafka is away the publish loop waits in the retries, the queue fills
   and the source is held (REST polls later; the WebSocket drops pushes with a count, see ws_source.py).
-  ``btc_producer_queue_depth`` shows each queue.
 * Delivery is tracked by sweeping the futures in batches rather than per-message callbacks, which cost
   a quarter of the throughput in measurements (bench/RESULTS.md).
 """
@@ -63,7 +62,7 @@ from kafka.errors import (
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.dedup import Dedup
-from btc_anomaly.ingestion.records import PRODUCER_QUEUE_DEPTH, Encoded, Failure, Item
+from btc_anomaly.ingestion.records import Encoded, Failure, Item
 from btc_anomaly.monitoring import metrics
 from btc_anomaly.monitoring.kafka_logging import waiting_for_kafka
 from btc_anomaly.schema import Transaction, first_seen_error
@@ -475,7 +474,6 @@ class TxProducer:
             self.stats.published += acked
             metrics.PRODUCER_LAST_PUBLISH.set(time.time())
         self.stats.dlq_published += dlq_acked
-        PRODUCER_QUEUE_DEPTH.labels(queue="retry").set(len(self._retry))
         self._export_metrics()
         if failed:
             self._reset_client()
@@ -589,7 +587,11 @@ _END = object()
 
 
 def iterate_async(
-    make: Callable[[], AsyncIterator[T]], stop: threading.Event, *, maxsize: int
+    make: Callable[[], AsyncIterator[T]],
+    stop: threading.Event,
+    *,
+    maxsize: int,
+    on_depth: Callable[[int], object] | None = None,
 ) -> Iterator[T | None]:
     """Run an async source in its own thread and event loop; yield its items here, ``None`` when idle.
 
@@ -597,11 +599,12 @@ def iterate_async(
     WebSocket pings and reconnects go on meanwhile. The hand-over queue holds at most ``maxsize`` items:
     when it is full the source is not read (its next item waits), so an outage longer than the queue
     costs no memory; each source decides what waiting means for it (REST polls later, the WebSocket
-    drops pushes with a count). Stops when ``stop`` is set or the consumer leaves.
+    drops pushes with a count). ``on_depth`` is told the queue's length as it changes. Stops when
+    ``stop`` is set or the consumer leaves.
     """
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, maxsize))
     leave = threading.Event()
-    depth = PRODUCER_QUEUE_DEPTH.labels(queue="source")
+    depth = on_depth or (lambda _: None)
 
     async def pump() -> None:
         agen = make()
@@ -612,7 +615,7 @@ def iterate_async(
                         q.put_nowait(item)
                         break
                     except queue.Full:
-                        depth.set(q.qsize())
+                        depth(q.qsize())
                         await asyncio.sleep(0.05)  # polling keeps the loop free; cancelled on stop
         finally:
             await agen.aclose()  # type: ignore[attr-defined]
@@ -641,10 +644,10 @@ def iterate_async(
             try:
                 item = q.get(timeout=0.2)
             except queue.Empty:
-                depth.set(0)
+                depth(0)
                 yield None  # idle tick: the consumer can flush bookkeeping and check its stop flag
                 continue
-            depth.set(q.qsize())
+            depth(q.qsize())
             if item is _END:
                 return
             if isinstance(item, _Raised):

@@ -9,20 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
 from btc_anomaly.schema import Source, Transaction
-
-# Belongs in monitoring/metrics.py, the module the metrics catalogue reads; it moves there with that
-# file's owner. Defined here because every queue between a source and Kafka reports to it.
-PRODUCER_QUEUE_DEPTH = Gauge(
-    "btc_producer_queue_depth",
-    "Items waiting in the producer, by queue: source (live source to sender), ws (WebSocket pushes), "
-    "retry (Kafka sends to re-send).",
-    ["queue"],
-)
-for _queue in ("source", "ws", "retry"):
-    PRODUCER_QUEUE_DEPTH.labels(queue=_queue)
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from websockets.exceptions import WebSocketException
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.blockchain_com import from_blockchain_tx
-from btc_anomaly.ingestion.records import PRODUCER_QUEUE_DEPTH, Failure, Item
+from btc_anomaly.ingestion.records import Failure, Item
 from btc_anomaly.ingestion.rest_source import BlockchainClient, FetchError, RestSource, fetch_block_items
 from btc_anomaly.monitoring.metrics import (
     PRODUCER_LAST_FETCH,
@@ -76,7 +76,6 @@ class WsSource:
         self._rng = rng or random.Random()
         self._clock = clock
         self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=max(1, settings.producer_source_queue_max))
-        self._depth = PRODUCER_QUEUE_DEPTH.labels(queue="ws")
         self.dropped = 0  # pushes dropped because the queue was full
         self._down_since: float | None = None
         self._fallback: asyncio.Task[None] | None = None
@@ -98,7 +97,6 @@ class WsSource:
                 getter = asyncio.ensure_future(self._queue.get())
                 done, _ = await asyncio.wait([getter, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    self._depth.set(self._queue.qsize())
                     yield getter.result()
                     continue
                 getter.cancel()
@@ -219,7 +217,6 @@ class WsSource:
                     self._queue.maxsize,
                     self.dropped,
                 )
-        self._depth.set(self._queue.qsize())
 
     async def _fetch_block(self, block_hash: str) -> None:
         try:
