@@ -134,7 +134,7 @@ def test_limits_are_413(http: httpx.Client, api_server: ApiServer) -> None:
     started = time.monotonic()
     reply = _raw_request(
         api_server.port,
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100000000\r\n\r\n",
     )
     assert reply.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5
@@ -143,12 +143,23 @@ def test_limits_are_413(http: httpx.Client, api_server: ApiServer) -> None:
     body = orjson.dumps(RECORDS[:2000])
     reply = _raw_request(
         api_server.port,
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         + body,
     )
     # uvicorn answers 400 for the bytes after the declared body (not a request), or the app 422 for the
     # 100-byte prefix, whichever comes first; never more than the declared bytes reach the app.
     assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 422"))
+    assert http.get("/health").status_code == 200
+
+
+def test_too_many_inputs_and_outputs_is_413_over_http(http: httpx.Client) -> None:
+    """Five physically possible 8-field bodies (4 MB each, the most outputs that fit) declare ~2.2M outputs:
+    over api_max_batch_ios (2,000,000): refused before any scoring, the server answers on."""
+    most = (4_000_000 - 10 - 41) // 9  # schemas: MIN_TX_BYTES, one input, MIN_OUTPUT_BYTES each
+    huge = summary_body(RECORDS[0]) | {"size": 4_000_000, "weight": 4_000_000, "outputs_count": most}
+    r = http.post("/predict", json=[huge] * 5)
+    assert r.status_code == 413, r.text[:300]
+    assert "inputs + outputs" in r.json()["detail"] and "2,000,000" in r.json()["detail"]
     assert http.get("/health").status_code == 200
 
 

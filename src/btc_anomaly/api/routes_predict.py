@@ -126,6 +126,8 @@ def router() -> APIRouter:
             ctx.parser.transactions, await read_body(request, s.api_max_body_bytes)
         )
         out = await _score(ctx, served, items, threshold, _explain_mode(explain, len(items)))
+        if len(out) > INLINE_MAX:  # serializing 10,000 predictions with reasons takes tens of ms
+            return await run_in_threadpool(json_response, out)
         return json_response(out[0] if single else out)
 
     @r.post(
@@ -204,7 +206,10 @@ def router() -> APIRouter:
             API_RAW_ITEMS.labels(result="invalid").inc(invalid)
         if len(decoded) - invalid:
             API_RAW_ITEMS.labels(result="scored").inc(len(decoded) - invalid)
-        return json_response(out, headers={"X-Prevout-Lookups": "disabled"} if refused else None)
+        headers = {"X-Prevout-Lookups": "disabled"} if refused else None
+        if len(out) > INLINE_MAX:
+            return await run_in_threadpool(json_response, out, 200, headers)
+        return json_response(out, headers=headers)
 
     return r
 
