@@ -264,6 +264,19 @@ class Settings(BaseSettings):
         description="After this many micro-batches that wrote rows, the transactions query compacts the "
         "date partitions they wrote (Delta OPTIMIZE of the files under 16 MB, between two batches; 0 = never).",
     )
+    lake_vacuum_retention_h: float = Field(
+        168.0,
+        ge=0,
+        description="Delta VACUUM deletes data files that left a table more than this many hours ago (every "
+        "table the stream and `btc-anomaly detect` write). It bounds time travel and must exceed the longest "
+        "stop of a change-feed reader (the stream's stats and scoring queries) and the longest lake read.",
+    )
+    lake_vacuum_every_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds between two VACUUM runs of the lake maintenance (the stream's compactor, detect's "
+        "poll loop); 0 = never.",
+    )
     stream_fail_on_data_loss: bool = Field(
         True,
         description="Stop the stream when Kafka deleted offsets it had not read yet (retention, topic reset).",
@@ -330,6 +343,19 @@ class Settings(BaseSettings):
         None, description="Delta table of /anomalies and /transactions; empty = <lake>/scored_transactions."
     )
     api_anomalies_max_limit: int = Field(1000, description="Largest `limit` GET /anomalies accepts.")
+    api_lake_window_h: float = Field(
+        24.0,
+        gt=0,
+        description="Time window (hours of first_seen, ending at the newest row) that GET /anomalies, "
+        "/addresses and /transactions read when the request gives no `since`; a lake read never scans a "
+        "whole table.",
+    )
+    api_lake_max_window_h: float = Field(
+        168.0,
+        gt=0,
+        description="Widest [since, until) window a lake endpoint reads, in hours; a wider request gets a 422. "
+        "/transactions/{hash} searches this much history back from the newest row.",
+    )
     api_registry_timeout_s: int = Field(
         10, description="HTTP timeout of the API's MLflow registry calls (alias checks, model downloads)."
     )

@@ -174,3 +174,37 @@ def test_empty_and_missing_tables_keep_plain_types(tmp_path: Path, kind: pa.Data
     assert read_arrow(path, filters=[("k", "=", "nope")]).schema.field("k").type == pa.string()
     missing = read_arrow(tmp_path / "missing", schema=pa.schema([("k", kind)]))
     assert missing.num_rows == 0 and missing.schema.field("k").type == pa.string()
+
+
+def test_maintenance_compacts_and_vacuums_detect_tables_without_changing_them(tmp_path: Path) -> None:
+    """Each poll's MERGE leaves the rewritten files behind; detect's maintenance compacts the table and
+    VACUUMs them, and the rows read back the same (burst ids, sizes, members)."""
+    lake = tmp_path / "lake"
+    members = burst_members()
+    a = restamp(members[:4], T0, 3.0)
+    b = restamp(members[-4:], T0 + pd.Timedelta(minutes=3), 3.0)
+    service = DetectService(settings(lake_root=lake, lake_vacuum_retention_h=0.0), RecordingNotifier())
+    for batch in (a[:3] + b[:3], a[3:4], b[3:]):
+        write_transactions(lake, batch)
+        assert not service.poll().failures
+    path = lake / tables.COORDINATED_BURSTS
+
+    def content() -> list[tuple[str, int, list[str]]]:
+        t = read_table(path).sort_values("burst_id")
+        return [
+            (i, n, sorted(m)) for i, n, m in zip(t["burst_id"], t["size"], t["member_hashes"], strict=True)
+        ]
+
+    def on_disk() -> set[str]:
+        return {str(p.relative_to(path)) for p in path.rglob("*.parquet") if "_delta_log" not in p.parts}
+
+    before = content()
+    live = set(pa.table(DeltaTable(str(path)).get_add_actions(flatten=True))["path"].to_pylist())
+    assert on_disk() > live  # the MERGEs' replaced files are still there
+    service.maintain()  # not due yet: nothing happens
+    assert on_disk() > live
+    service.maintain(force=True)
+    live = set(pa.table(DeltaTable(str(path)).get_add_actions(flatten=True))["path"].to_pylist())
+    assert on_disk() == live and len(live) == 1
+    assert content() == before
+    assert not service.poll().failures  # and detect goes on reading and writing it

@@ -1,8 +1,13 @@
 """Reads of the stream's ``scored_transactions`` Delta table for ``/anomalies`` and ``/transactions/{hash}``.
 
-Reading goes through ``_reader()``: the project's shared reader (``processing.delta_reader.read_arrow``:
-file pruning by statistics, predicate pushdown) when it is importable, else deltalake's PyArrow dataset
-directly with the same filters pushed down. Either way only matching row groups are read.
+Every read goes through the project's Delta reader (``processing.delta_reader.read_arrow``) and is bounded:
+
+* a time window on ``first_seen``: ``[since, until)`` of the request, by default the last
+  ``Settings.api_lake_window_h`` hours up to the table's newest row (from the Delta log's statistics, so
+  a replayed or stalled lake still shows its latest rows); wider than ``Settings.api_lake_max_window_h``
+  is refused (``WindowTooWide``, a 422). The window prunes ``date`` partitions and files by statistics;
+* column projection in two steps: the rows are chosen on a few narrow columns (hash, times, scores,
+  the filter columns), and only the chosen rows are read whole, from the files of their own time range.
 
 ``/anomalies`` can also select by the detectors' columns (severity, a rule id, a watchlist name), and
 ``/addresses/{address}`` finds an address's transactions in the ``transactions`` table (flattened input and
@@ -18,46 +23,77 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from btc_anomaly.config import Settings
+from btc_anomaly.processing import tables
+from btc_anomaly.processing.delta_reader import Filter, newest, read_arrow
 
 _REFRESH_S = 1.0
 ADDRESS_MAX_SCORED = 10_000  # scorings joined per address (newest transactions first)
-_TS = pa.timestamp("us", tz="UTC")
-
-
-Filter = tuple[str, str, Any]
-
-
-def _reader() -> Callable[..., pa.Table] | None:
-    """The project's Delta reader when it exists (it knows the lake's tables and partitioning)."""
-    try:
-        from btc_anomaly.processing.delta_reader import read_arrow
-    except ImportError:
-        return None
-    return read_arrow
+# Delta statistics truncate timestamps to milliseconds: a window ending at the newest recorded
+# first_seen ends this much later, so the newest row itself is inside.
+_STATS_SLACK = dt.timedelta(milliseconds=1)
+_ONE_US = dt.timedelta(microseconds=1)
+# Narrow columns the rows of /anomalies are chosen on (the filter columns are added as needed).
+_CHOOSE_COLUMNS = ("hash", "first_seen", "scored_at", "anomaly_score")
+_RISK_CHOOSE_COLUMNS = ("risk_score", "severity")
+# What /addresses takes from each scoring.
+_ADDRESS_SCORED_COLUMNS = (
+    "hash",
+    "first_seen",
+    "scored_at",
+    "anomaly_score",
+    "risk_score",
+    "severity",
+    "rule_hits",
+    "watchlist_hits",
+)
 
 
 class LakeUnavailable(Exception):
     """The lake folder or the table cannot be read (I/O, permissions, corrupt log)."""
 
 
+class WindowTooWide(ValueError):
+    """A request's [since, until) is wider than ``Settings.api_lake_max_window_h`` (a 422)."""
+
+    def __init__(self, since: dt.datetime, until: dt.datetime, max_window: dt.timedelta) -> None:
+        hours = (until - since).total_seconds() / 3600
+        super().__init__(
+            f"the window [since, until) = [{_iso(since)}, {_iso(until)}) spans {hours:,.1f} h; at most "
+            f"{max_window.total_seconds() / 3600:,.1f} h are read at once (api_lake_max_window_h): narrow "
+            "since/until"
+        )
+        self.field = "since"
+
+
+@dataclass(frozen=True)
+class Window:
+    """The ``[since, until)`` range of first_seen a lake read covers."""
+
+    since: dt.datetime
+    until: dt.datetime
+
+    def jsonable(self) -> dict[str, str]:
+        return {"since": _iso(self.since), "until": _iso(self.until)}
+
+
 class ScoredTable:
     def __init__(self, settings: Settings) -> None:
         self.lake_dir = Path(settings.lake_dir)
-        self.path = Path(settings.api_scored_table or settings.lake_table("scored_transactions"))
-        self.transactions_path = Path(settings.lake_table("transactions"))
+        self.path = Path(settings.api_scored_table or settings.lake_table(tables.SCORED))
+        self.transactions_path = Path(settings.lake_table(tables.TRANSACTIONS))
         self.watchlist_dir = settings.watchlist_dir
-        self._table: Any = None
-        self._refreshed = 0.0
+        self.default_window = dt.timedelta(hours=settings.api_lake_window_h)
+        self.max_window = dt.timedelta(hours=settings.api_lake_max_window_h)
+        self._tables: dict[Path, tuple[Any, float, int, dt.datetime | None]] = {}
         self._lock = threading.Lock()
 
     # --- status ------------------------------------------------------------------------------------
@@ -69,21 +105,42 @@ class ScoredTable:
             try:
                 info["table_exists"] = self.exists()
                 if info["table_exists"]:
-                    info["table_version"] = self._delta().version()
+                    info["table_version"] = self._delta(self.path).version()
             except Exception as exc:  # a broken log is reported, not raised, by /ready
                 info["table_error"] = str(exc)[:300]
         return info
 
     def exists(self) -> bool:
-        from deltalake import DeltaTable
+        return _is_table(self.path)
 
-        return bool(DeltaTable.is_deltatable(str(self.path)))
+    # --- windows -----------------------------------------------------------------------------------
+    def window(
+        self,
+        path: Path,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        default: dt.timedelta | None = None,
+    ) -> Window:
+        """The request's [since, until) with the missing ends filled: ``until`` = just after the table's
+        newest first_seen (now for an empty table), ``since`` = ``until`` minus ``default`` (the default
+        window). Raises ``WindowTooWide`` past the maximum."""
+        end = _utc(until) if until is not None else self._newest(path)
+        start = _utc(since) if since is not None else end - (default or self.default_window)
+        if end - start > self.max_window:
+            raise WindowTooWide(start, end, self.max_window)
+        return Window(start, end)
+
+    def _newest(self, path: Path) -> dt.datetime:
+        if _is_table(path):
+            latest = self._delta_and_newest(path)[1]
+            if latest is not None:
+                return latest + _STATS_SLACK
+        return dt.datetime.now(dt.UTC)
 
     # --- queries -----------------------------------------------------------------------------------
     def anomalies(
         self,
-        since: dt.datetime | None,
-        until: dt.datetime | None,
+        window: Window,
         min_score: float,
         limit: int,
         *,
@@ -92,17 +149,24 @@ class ScoredTable:
         watchlist: str | None = None,
     ) -> list[dict[str, Any]]:
         """Without detector filters: the forest's anomalies by score. With any of ``severity`` (one of),
-        ``rule`` (fired) or ``watchlist`` (hit): every matching row, by risk score."""
+        ``rule`` (fired) or ``watchlist`` (hit): every matching row, by risk score. Rows are chosen on
+        narrow columns, then only the chosen ones are read whole."""
         by_risk = bool(severity or rule or watchlist)
         filters: list[Filter] = [("anomaly_score", ">=", float(min_score))]
+        columns = list(_CHOOSE_COLUMNS)
         if by_risk:
             if not self._has_columns("severity", "rule_hits", "watchlist_hits"):
                 return []  # a table written before the detectors: nothing can match
+            columns += _RISK_CHOOSE_COLUMNS
             if severity:
                 filters.append(("severity", "in", list(severity)))
+            if rule:
+                columns.append("rule_hits")
+            if watchlist:
+                columns.append("watchlist_hits")
         else:
             filters.append(("is_anomaly", "=", True))
-        table = self._read(filters, since, until)
+        table = self._read(self.path, filters, window, columns)
         if table is None or table.num_rows == 0:
             return []
         table = _latest_per_hash(table)
@@ -113,13 +177,28 @@ class ScoredTable:
         if table.num_rows == 0:
             return []
         key = "risk_score" if by_risk else "anomaly_score"
-        top = pc.select_k_unstable(table, limit, sort_keys=[(key, "descending"), ("hash", "ascending")])
-        table = table.take(top).sort_by([(key, "descending"), ("hash", "ascending")])
-        return [_jsonable(r) for r in table.to_pylist()]
+        order = [(key, "descending"), ("hash", "ascending")]
+        chosen = table.take(pc.select_k_unstable(table, limit, sort_keys=order))
+        rows = self._whole_rows(chosen)
+        return [_jsonable(r) for r in rows.sort_by(order).to_pylist()]
 
-    def address(
-        self, address: str, since: dt.datetime | None, until: dt.datetime | None, limit: int
-    ) -> dict[str, Any]:
+    def _whole_rows(self, chosen: pa.Table) -> pa.Table:
+        """All columns of the ``chosen`` scorings (hash + scored_at), read from their own time range."""
+        table = self._read(
+            self.path, [("hash", "in", chosen["hash"].to_pylist())], _span(chosen), self._row_columns()
+        )
+        if table is None:
+            return chosen.slice(0, 0)
+        wanted = {
+            (h, t) for h, t in zip(chosen["hash"].to_pylist(), chosen["scored_at"].to_pylist(), strict=True)
+        }
+        keep = [
+            (h, t) in wanted
+            for h, t in zip(table["hash"].to_pylist(), table["scored_at"].to_pylist(), strict=True)
+        ]
+        return _latest_per_hash(table.filter(pa.array(keep, pa.bool_())))
+
+    def address(self, address: str, window: Window, limit: int) -> dict[str, Any]:
         """The address's transactions (newest first), their scorings, its watchlist entries, highest risk."""
         from btc_anomaly.detectors.watchlist import load_watchlist
 
@@ -127,12 +206,12 @@ class ScoredTable:
             {"list": e.list, "category": e.category, "label": e.label}
             for e in load_watchlist(self.watchlist_dir).lookup(address)
         ]
-        touching = self._touching(address, since, until)
+        touching = self._touching(address, window)
         count = len(touching)
         touching.sort(
             key=lambda r: (r["first_seen"] or dt.datetime.min.replace(tzinfo=dt.UTC), r["hash"]), reverse=True
         )
-        scored = self._scorings([r["hash"] for r in touching[:ADDRESS_MAX_SCORED]])
+        scored = self._scorings(touching[:ADDRESS_MAX_SCORED])
         rows = []
         for r in touching:
             s = scored.get(r["hash"])
@@ -161,30 +240,17 @@ class ScoredTable:
             "truncated": count > limit,
             "highest_risk": _jsonable(dict(highest)) if highest else None,
             "rule_hits": dict(sorted(rule_counts.items())),
-            "tables": {"transactions": str(self.transactions_path), "scored": str(self.path)},
+            # Table names, not paths: a response says nothing about the server's filesystem.
+            "tables": {"transactions": tables.TRANSACTIONS, "scored": self.path.name},
+            "window": window.jsonable(),
         }
 
-    def _touching(
-        self, address: str, since: dt.datetime | None, until: dt.datetime | None
-    ) -> list[dict[str, Any]]:
-        from deltalake import DeltaTable
-
-        reader = _reader()
-        try:
-            if reader is None or not DeltaTable.is_deltatable(str(self.transactions_path)):
-                return []
-            table = reader(
-                str(self.transactions_path),
-                columns=["hash", "first_seen", "block_height", "inputs", "outputs"],
-                since=since,
-                until=until,
-            )
-        except OSError as exc:
-            raise LakeUnavailable(f"cannot read {self.transactions_path}: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith(("deltalake", "pyarrow")):
-                raise LakeUnavailable(f"cannot read {self.transactions_path}: {str(exc)[:300]}") from exc
-            raise
+    def _touching(self, address: str, window: Window) -> list[dict[str, Any]]:
+        table = self._read(
+            self.transactions_path, [], window, ["hash", "first_seen", "block_height", "inputs", "outputs"]
+        )
+        if table is None:
+            return []
         found: dict[int, dict[str, Any]] = {}
         for side in ("inputs", "outputs"):
             lists = table[side].combine_chunks()
@@ -212,26 +278,44 @@ class ScoredTable:
             )
         return list({r["hash"]: r for r in out}.values())  # one row per tx (MERGE keeps one copy anyway)
 
-    def _scorings(self, hashes: list[str]) -> dict[str, dict[str, Any]]:
-        if not hashes:
+    def _scorings(self, touching: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Latest scoring of each transaction, read from the files of their first_seen range only."""
+        if not touching:
             return {}
-        table = self._read([("hash", "in", hashes)], None, None)
+        seen = [r["first_seen"] for r in touching if r["first_seen"] is not None]
+        span = Window(min(seen), max(seen) + _ONE_US) if len(seen) == len(touching) else None
+        columns = [c for c in _ADDRESS_SCORED_COLUMNS if c in self._columns()]
+        table = self._read(self.path, [("hash", "in", [r["hash"] for r in touching])], span, columns)
         if table is None or table.num_rows == 0:
             return {}
         return {r["hash"]: r for r in _latest_per_hash(table).to_pylist()}
 
-    def _has_columns(self, *columns: str) -> bool:
+    def _columns(self) -> set[str]:
         try:
             if not self.exists():
-                return False
-            names = set(self._delta().schema().to_arrow().names)
+                return set()
+            return set(pa.schema(self._delta(self.path).schema().to_arrow()).names)
         except Exception:
-            return False
+            return set()
+
+    def _row_columns(self) -> list[str]:
+        """The columns a scored row is answered with: all but the partition column (it repeats first_seen)."""
+        return [
+            c for c in pa.schema(self._delta(self.path).schema().to_arrow()).names if c != tables.DATE_COLUMN
+        ]
+
+    def _has_columns(self, *columns: str) -> bool:
+        names = self._columns()
         return all(c in names for c in columns)
 
-    def transaction(self, tx_hash: str) -> dict[str, Any] | None:
-        table = self._read([("hash", "=", tx_hash)], None, None)
-        if table is None or table.num_rows == 0:
+    def transaction(self, tx_hash: str, window: Window) -> dict[str, Any] | None:
+        """The latest scoring of ``tx_hash`` with first_seen in ``window``: found on two columns, then
+        read whole from its own time range."""
+        found = self._read(self.path, [("hash", "=", tx_hash)], window, ["hash", "first_seen", "scored_at"])
+        if found is None or found.num_rows == 0:
+            return None
+        table = self._read(self.path, [("hash", "=", tx_hash)], _span(found), self._row_columns())
+        if table is None or table.num_rows == 0:  # compacted and vacuumed between the two reads
             return None
         latest = pc.select_k_unstable(table, 1, sort_keys=[("scored_at", "descending")])
         row = _jsonable(table.take(latest).to_pylist()[0])
@@ -240,39 +324,71 @@ class ScoredTable:
 
     # --- reading -----------------------------------------------------------------------------------
     def _read(
-        self, filters: list[Filter], since: dt.datetime | None, until: dt.datetime | None
+        self, path: Path, filters: list[Filter], window: Window | None, columns: list[str] | None
     ) -> pa.Table | None:
+        """Rows of the table at ``path`` in ``window`` (None: the filters bound the read) matching
+        ``filters``, projected to ``columns``; None when the table does not exist yet."""
         try:
-            if not self.exists():
+            if not _is_table(path):
                 return None
-            reader = _reader()
-            if reader is not None:
-                return reader(str(self.path), since=since, until=until, filters=filters)
-            expr = _expression(filters, since, until)
-            delta = self._delta()
-            try:
-                return delta.to_pyarrow_dataset().to_table(filter=expr)
-            except Exception:  # features the dataset reader lacks (e.g. deletion vectors): read, then filter
-                return delta.to_pyarrow_table().filter(expr)
+            delta = self._delta(path)
+            if columns is not None:
+                names = set(pa.schema(delta.schema().to_arrow()).names)
+                columns = [c for c in columns if c in names]
+            return read_arrow(
+                str(path),
+                columns=columns,
+                since=window.since if window else None,
+                until=window.until if window else None,
+                filters=filters,
+                table=delta,
+            )
         except OSError as exc:
-            raise LakeUnavailable(f"cannot read {self.path}: {exc}") from exc
+            raise LakeUnavailable(f"cannot read {path.name}: {exc}") from exc
         except Exception as exc:
             if type(exc).__module__.startswith(("deltalake", "pyarrow")):
-                raise LakeUnavailable(f"cannot read {self.path}: {str(exc)[:300]}") from exc
+                raise LakeUnavailable(f"cannot read {path.name}: {str(exc)[:300]}") from exc
             raise
 
-    def _delta(self) -> Any:
+    def _delta(self, path: Path) -> Any:
+        return self._delta_and_newest(path)[0]
+
+    def _delta_and_newest(self, path: Path) -> tuple[Any, dt.datetime | None]:
+        """The open table at ``path`` (its log replayed at most every ``_REFRESH_S``) and its newest
+        first_seen (recomputed only when the version changes)."""
         from deltalake import DeltaTable
 
         with self._lock:
             now = time.monotonic()
-            if self._table is None:
-                self._table = DeltaTable(str(self.path))
-                self._refreshed = now
-            elif now - self._refreshed > _REFRESH_S:
-                self._table.update_incremental()
-                self._refreshed = now
-            return self._table
+            cached = self._tables.get(path)
+            if cached is None:
+                table = DeltaTable(str(path))
+            else:
+                table, refreshed, version, latest = cached
+                if now - refreshed <= _REFRESH_S:
+                    return table, latest
+                table.update_incremental()
+                if table.version() == version:
+                    self._tables[path] = (table, now, version, latest)
+                    return table, latest
+            latest = newest(table, "first_seen")
+            self._tables[path] = (table, now, table.version(), latest)
+            return table, latest
+
+
+def _is_table(path: Path) -> bool:
+    from deltalake import DeltaTable
+
+    return bool(DeltaTable.is_deltatable(str(path)))
+
+
+def _span(rows: pa.Table) -> Window | None:
+    """The first_seen range of ``rows`` (None when one has no first_seen: then hashes alone bound it)."""
+    seen = rows["first_seen"]
+    if seen.null_count or len(seen) == 0:
+        return None
+    lo, hi = pc.min_max(seen).values()
+    return Window(_utc(lo.as_py()), _utc(hi.as_py()) + _ONE_US)
 
 
 def _list_has(column: pa.ChunkedArray, value: str, field: str | None = None) -> pa.Array:
@@ -291,22 +407,6 @@ def _list_has(column: pa.ChunkedArray, value: str, field: str | None = None) -> 
     return pa.array(mask)
 
 
-def _expression(filters: list[Filter], since: dt.datetime | None, until: dt.datetime | None) -> ds.Expression:
-    """The filters (``=``, ``>=`` and ``in``) and the first_seen range as one dataset expression."""
-    parts = [
-        ds.field(c) == v if op == "=" else ds.field(c).isin(v) if op == "in" else ds.field(c) >= v
-        for c, op, v in filters
-    ]
-    if since is not None:
-        parts.append(ds.field("first_seen") >= pa.scalar(_utc(since), _TS))
-    if until is not None:
-        parts.append(ds.field("first_seen") < pa.scalar(_utc(until), _TS))
-    expr = parts[0]
-    for part in parts[1:]:
-        expr = expr & part
-    return expr
-
-
 def _utc(ts: dt.datetime) -> dt.datetime:
     return ts.replace(tzinfo=dt.UTC) if ts.tzinfo is None else ts.astimezone(dt.UTC)
 
@@ -322,10 +422,14 @@ def _latest_per_hash(table: pa.Table) -> pa.Table:
     return table.filter(keep)
 
 
+def _iso(ts: dt.datetime) -> str:
+    return _utc(ts).isoformat().replace("+00:00", "Z")
+
+
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if isinstance(value, dt.datetime):
-            row[key] = _utc(value).isoformat().replace("+00:00", "Z")
+            row[key] = _iso(value)
         elif isinstance(value, float) and value != value:  # NaN is not JSON
             row[key] = None
     return row

@@ -7,6 +7,7 @@ and FastAPI can only evaluate such an annotation when it is a real object.
 """
 
 import datetime as dt
+import pathlib
 import threading
 from typing import Annotated
 
@@ -16,8 +17,8 @@ from starlette.responses import Response
 from btc_anomaly.api import inference
 from btc_anomaly.api import risk as api_risk
 from btc_anomaly.api.context import context
-from btc_anomaly.api.errors import ApiError, json_response
-from btc_anomaly.api.lake import LakeUnavailable
+from btc_anomaly.api.errors import ApiError, BodyValidationError, json_response
+from btc_anomaly.api.lake import LakeUnavailable, Window, WindowTooWide
 from btc_anomaly.api.schemas import AddressReport, AnomalyPage, ErrorDetail, ScoredRow, Severity
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors import rules as detector_rules
@@ -27,6 +28,28 @@ from btc_anomaly.model.context import fee_market
 HASH_PATTERN = r"^[0-9a-fA-F]{64}$"
 # Base58 (legacy, P2SH) and bech32/bech32m addresses: letters and digits only, bounded length.
 ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
+
+
+_WINDOW_DOC = (
+    " The range read is bounded: without `since` it is the last `api_lake_window_h` hours up to the newest "
+    "row; a range wider than `api_lake_max_window_h` hours is a 422."
+)
+
+
+def _window(
+    request: Request,
+    table: pathlib.Path,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    default: dt.timedelta | None = None,
+) -> Window:
+    """The request's bounded [since, until) (lake.ScoredTable.window); too wide is a 422 on `since`."""
+    try:
+        return context(request).lake.window(table, since, until, default)
+    except WindowTooWide as exc:
+        raise BodyValidationError(
+            [{"type": "window_too_wide", "loc": ["query", "since"], "msg": str(exc)}]
+        ) from None
 
 
 def router(settings: Settings) -> APIRouter:
@@ -44,13 +67,16 @@ def router(settings: Settings) -> APIRouter:
     @r.get(
         "/anomalies",
         response_model=AnomalyPage,
-        responses={503: {"model": ErrorDetail, "description": "The lake cannot be read."}},
+        responses={
+            422: {"description": "Invalid parameters, or a [since, until) wider than api_lake_max_window_h."},
+            503: {"model": ErrorDetail, "description": "The lake cannot be read."},
+        },
         summary="Scored anomalies, highest score first",
         description="Transactions the stream flagged (`is_anomaly`), newest scoring per transaction, with "
         "`first_seen` in [since, until) (UTC when no offset is given) and `anomaly_score >= min_score`, "
         "ordered by score descending (then hash). With `severity`, `rule` or `watchlist`, every transaction "
         "matching them (flagged by the forest or not) ordered by `risk_score` instead. An empty list while the "
-        "stream has not written the table yet.",
+        "stream has not written the table yet." + _WINDOW_DOC,
     )
     def anomalies(
         request: Request,
@@ -70,12 +96,13 @@ def router(settings: Settings) -> APIRouter:
     ) -> Response:
         lake = context(request).lake
         try:
+            window = _window(request, lake.path, since, until)
             items = lake.anomalies(
-                since, until, min_score, limit, severity=severity, rule=rule, watchlist=watchlist
+                window, min_score, limit, severity=severity, rule=rule, watchlist=watchlist
             )
         except LakeUnavailable as exc:
             raise ApiError(503, str(exc)) from None
-        return json_response({"count": len(items), "items": items, "table": str(lake.path)})
+        return json_response({"count": len(items), "items": items, "window": window.jsonable()})
 
     @r.get(
         "/transactions/{tx_hash}",
@@ -86,15 +113,20 @@ def router(settings: Settings) -> APIRouter:
         },
         summary="The latest scoring of one transaction",
         description="The newest `scored_transactions` row of the transaction (`scorings` counts all of its rows). "
-        "The hash is 64 hex digits (case-insensitive), else 422.",
+        "The hash is 64 hex digits (case-insensitive), else 422. Searched among the transactions first seen "
+        "in [since, until): by default the last `api_lake_max_window_h` hours up to the newest row; wider is "
+        "a 422.",
     )
     def transaction(
         request: Request,
         tx_hash: Annotated[str, Path(pattern=HASH_PATTERN, description="Transaction id, 64 hex digits.")],
+        since: Annotated[dt.datetime | None, Query(description="first_seen lower bound (inclusive).")] = None,
+        until: Annotated[dt.datetime | None, Query(description="first_seen upper bound (exclusive).")] = None,
     ) -> Response:
         lake = context(request).lake
         try:
-            row = lake.transaction(tx_hash.lower())
+            window = _window(request, lake.path, since, until, lake.max_window)
+            row = lake.transaction(tx_hash.lower(), window)
         except LakeUnavailable as exc:
             raise ApiError(503, str(exc)) from None
         if row is None:
@@ -107,9 +139,9 @@ def router(settings: Settings) -> APIRouter:
         responses={503: {"model": ErrorDetail, "description": "The lake cannot be read."}},
         summary="An address's transactions, watchlist entries and highest risk",
         description="Transactions of the `transactions` table that spend from or pay the address (first_seen in "
-        "[since, until); the whole table when not given, which reads every transaction's addresses), newest "
-        "first, each with its latest scoring (risk score, severity, rule and watchlist hits) from "
-        "`scored_transactions`; the watchlists that name the address; the highest-risk transaction.",
+        "[since, until)), newest first, each with its latest scoring (risk score, severity, rule and watchlist "
+        "hits) from `scored_transactions`; the watchlists that name the address; the highest-risk transaction."
+        + _WINDOW_DOC,
     )
     def address(
         request: Request,
@@ -120,7 +152,8 @@ def router(settings: Settings) -> APIRouter:
     ) -> Response:
         lake = context(request).lake
         try:
-            report = lake.address(address, since, until, limit)
+            window = _window(request, lake.transactions_path, since, until)
+            report = lake.address(address, window, limit)
         except LakeUnavailable as exc:
             raise ApiError(503, str(exc)) from None
         return json_response(report)

@@ -45,6 +45,7 @@ from btc_anomaly.model.train import parse_duration
 from btc_anomaly.monitoring import metrics as m
 from btc_anomaly.processing import tables
 from btc_anomaly.processing.delta_reader import Filter, read_table
+from btc_anomaly.processing.maintenance import vacuum_delta_rs
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class DetectService:
         self._warned = False
         self._failing: dict[str, _Failing] = {}  # stage -> its current run of failures
         self._failed_polls = 0
+        self._maintained = time.monotonic()  # detect's tables are compacted and vacuumed from here on
 
     # --- state ---------------------------------------------------------------------------------------
     def _load_cursor(self) -> pd.Timestamp | None:
@@ -386,7 +388,25 @@ class DetectService:
                         r.bursts_updated,
                         r.risky_transactions,
                     )
+            self.maintain()
             stop.wait(max(0.0, self.settings.detect_poll_s - (time.monotonic() - started)))
+
+    def maintain(self, force: bool = False) -> None:
+        """Compact and VACUUM the tables detect writes (each upsert rewrites files) every
+        ``lake_vacuum_every_s``; maintenance only: a failure is logged and retried at the next due time."""
+        every = self.settings.lake_vacuum_every_s
+        if not force and (every <= 0 or time.monotonic() - self._maintained < every):
+            return
+        self._maintained = time.monotonic()
+        for name in tables.DETECT_TABLES:
+            path = self.settings.lake_table(name)
+            try:
+                deleted = vacuum_delta_rs(str(path), self.settings.lake_vacuum_retention_h)
+            except Exception:
+                log.exception("detect: compaction + vacuum of %s failed; retried in %.0f s", name, every)
+                continue
+            if deleted is not None:
+                log.info("detect: compacted and vacuumed %s (%d files deleted)", name, len(deleted))
 
 
 @dataclass

@@ -33,13 +33,17 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from btc_anomaly.processing.tables import PARTITION_SOURCE, table_schema
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +166,13 @@ def read_arrow(
     filters: Sequence[Filter] | None = None,
     time_column: str = "first_seen",
     schema: pa.Schema | None = None,
+    table: DeltaTable | None = None,
 ) -> pa.Table:
     """Rows of the Delta table at ``path`` with ``since <= time_column < until`` and ``filters`` (ANDed).
 
     ``filters`` are ``(column, op, value)`` with op in ``= != < <= > >= in "not in"``. ``schema`` is
-    only used for the empty result of a missing table that is not one of the lake's own.
+    only used for the empty result of a missing table that is not one of the lake's own. ``table``: the
+    table already opened (a long-lived reader refreshes it itself rather than replaying the log per read).
     """
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
@@ -177,10 +183,11 @@ def read_arrow(
             raise ValueError(f"unsupported filter operator {op!r}; use one of {sorted(_OPS)}")
     start = _utc(since) if since is not None else None
     end = _utc(until) if until is not None else None
-    try:
-        table = DeltaTable(str(path))
-    except TableNotFoundError:
-        return empty_table(path, columns, schema)
+    if table is None:
+        try:
+            table = DeltaTable(str(path))
+        except TableNotFoundError:
+            return empty_table(path, columns, schema)
     plain = plain_schema(pa.schema(table.schema().to_arrow()))
     types = {f.name: f.type for f in plain}
     # delta-rs gives every file a partition expression built from its Delta statistics; Spark records no
@@ -225,6 +232,18 @@ def read_table(
     return read_arrow(path, columns, since, until, filters, time_column, schema).to_pandas()
 
 
+def newest(table: DeltaTable, column: str = "first_seen") -> dt.datetime | None:
+    """The largest ``column`` of the table by its Delta log statistics (no data file is read), or None
+    when no file records it. Statistics keep timestamps truncated to milliseconds: the true newest
+    value may be up to 1 ms later."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    name = f"max.{column}"
+    if actions.num_rows == 0 or name not in actions.column_names:
+        return None
+    value = pc.max(actions[name]).as_py()
+    return _utc(value) if value is not None else None
+
+
 def table_version(path: str | os.PathLike[str]) -> int | None:
     """Current version of the Delta table, or None when it does not exist (cheap change detection)."""
     from deltalake import DeltaTable
@@ -245,6 +264,7 @@ def count_rows(path: str | os.PathLike[str], filters: Sequence[Filter] | None = 
 __all__ = [
     "count_rows",
     "empty_table",
+    "newest",
     "plain_schema",
     "plain_type",
     "read_arrow",

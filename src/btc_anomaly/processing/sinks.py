@@ -412,7 +412,7 @@ def date_scope(since: dt.date | None, before: dt.date | None = None, prefix: str
 
 
 def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
-    """Bin-pack the small files of ``transactions``' date partitions from ``since`` on (all when None);
+    """Bin-pack the small files of a table's date partitions from ``since`` on (all when None);
     returns the number of files it replaced. A compaction changes no data (``dataChange=false``): the
     change feed readers skip it, and Delta's readers keep their snapshot."""
     from delta.tables import DeltaTable

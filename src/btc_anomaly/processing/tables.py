@@ -16,11 +16,13 @@ TRANSACTIONS = "transactions"
 QUARANTINE = "quarantine"
 STATS_1M = "tx_stats_1m"
 STATS_5M = "tx_stats_5m"
+SCORED = "scored_transactions"  # written by the stream's scoring query (processing/scoring_query.py)
 WINDOW_ANOMALIES = "window_anomalies"  # written by `btc-anomaly detect` (detectors/windows.py)
 COORDINATED_BURSTS = "coordinated_bursts"  # written by `btc-anomaly detect` (detectors/bursts.py)
 
-DATE_COLUMN = "date"  # UTC date of first_seen: the partition column of `transactions`
-PARTITION_COLUMNS: dict[str, list[str]] = {TRANSACTIONS: [DATE_COLUMN]}
+# UTC date of first_seen: the partition column of `transactions` and `scored_transactions`.
+DATE_COLUMN = "date"
+PARTITION_COLUMNS: dict[str, list[str]] = {TRANSACTIONS: [DATE_COLUMN], SCORED: [DATE_COLUMN]}
 # The timestamp each partition column is derived from (partition pruning for time-range reads).
 PARTITION_SOURCE: dict[str, str] = {DATE_COLUMN: "first_seen"}
 
@@ -114,6 +116,10 @@ def coordinated_bursts_schema() -> pa.Schema:
         ]
     )
 
+
+# The tables the stream writes (its maintenance vacuums them) and those `btc-anomaly detect` writes.
+STREAM_TABLES = (TRANSACTIONS, QUARANTINE, STATS_1M, STATS_5M, SCORED)
+DETECT_TABLES = (WINDOW_ANOMALIES, COORDINATED_BURSTS)
 
 SCHEMAS = {
     TRANSACTIONS: transactions_schema,
