@@ -184,19 +184,27 @@ def stream(
     """Stream the transactions topic into the Delta lake (Spark Structured Streaming), until stopped."""
     import threading
 
-    from btc_anomaly.processing.stream import run_stream
+    from btc_anomaly.processing.stream import StreamFailed, run_stream
 
     _logging()
     logging.getLogger("py4j").setLevel(logging.WARNING)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
+        # A second signal (an impatient Ctrl-C) must not cut the shutdown short: the queries stop
+        # between micro-batches, then the JVM (processing/stream.run_stream).
+        if stop.is_set():
+            logging.getLogger("btc_anomaly.stream").info("signal %d: already stopping", signum)
+            return
         logging.getLogger("btc_anomaly.stream").info("signal %d: stopping the queries", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    run_stream(get_settings(), available_now=available_now, stop=stop)
+    try:
+        run_stream(get_settings(), available_now=available_now, stop=stop)
+    except StreamFailed:
+        raise typer.Exit(2) from None  # logged with the operator's way out where it was detected
 
 
 # --- model lifecycle ------------------------------------------------------------------------------------

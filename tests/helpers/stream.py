@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import os
@@ -213,6 +214,22 @@ def start_stream(settings: Settings, log: Path, *args: str, **extra: object) -> 
         start_new_session=True,
         cwd=PROJECT_ROOT,
     )
+
+
+def kill_stream(proc: subprocess.Popen[bytes]) -> None:
+    """kill -9 of `btc-anomaly stream` and every process under it, at once, like a power cut (its JVM
+    runs in a session of its own, see spark_session._own_session_gateway)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
 
 
 def wait_for(

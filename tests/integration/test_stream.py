@@ -6,6 +6,7 @@ stream drains the topic (trigger availableNow) and the tables are read back JVM-
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from helpers.stream import (
     malformed,
     publish,
     sample_lines,
+    wait_for,
     with_changes,
 )
 
@@ -235,3 +237,51 @@ def test_one_batch_of_new_hashes_and_stored_ones(spark: Any, tmp_path: Path) -> 
     want = {tx.hash: tx.block_height for tx in map(Transaction.from_json, lines)}
     assert len(rows) == len(want)
     assert {r["hash"]: r["block_height"] for r in rows} == want
+
+
+def _late_rows_dropped() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("btc_stream_late_rows_dropped_total", {"query": "tx_stats"}) or 0.0
+
+
+def test_rows_behind_the_watermark_are_stored_but_not_counted_in_windows(
+    spark: Any, settings: Settings
+) -> None:
+    """A real watermark (10 minutes): after the stream has seen event times up to T0 + 30 min, rows of
+    windows that ended before T0 + 20 min are late — kept in ``transactions``, left out of the window
+    aggregates and counted in ``btc_stream_late_rows_dropped_total``; a row 5 minutes behind is on time."""
+    from btc_anomaly.processing.metrics_listener import install_listener
+
+    s = settings.model_copy(update={"stream_watermark": "10 minutes"})
+    t0 = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC)
+    lines = sample_lines()
+
+    def at(i: int, first_seen: dt.datetime) -> bytes:
+        tx = orjson.loads(lines[i])
+        return with_changes(lines[i], hash=loop_hash(tx["hash"], 7000), first_seen=first_seen.isoformat())
+
+    on_time = [at(i, t0 + dt.timedelta(seconds=30 * i)) for i in range(60)]  # T0 .. T0 + 29.5 min
+    # Each late row alone in its 1 and 5 minute windows, all ended long before the watermark: Spark
+    # drops late rows after the partial aggregation, so each one is 2 dropped rows (one per granularity).
+    late = [at(60 + k, t0 - dt.timedelta(hours=1, minutes=5 * k)) for k in range(7)]
+    behind = [at(70 + k, t0 + dt.timedelta(minutes=25, seconds=10 * k)) for k in range(3)]  # window ends > wm
+    create_topic(s.kafka_bootstrap, s.topic)
+    listener = install_listener(spark, 0)
+    try:
+        publish(s.kafka_bootstrap, s.topic, [(key_of(line), line) for line in on_time])
+        runner = StreamRunner(s, spark)
+        runner.run_available_now()
+        dropped_before = _late_rows_dropped()
+        publish(s.kafka_bootstrap, s.topic, [(key_of(line), line) for line in late + behind])
+        runner.run_available_now()
+        # The listener hears of the batch on Spark's listener bus, after the query returned.
+        wait_for(lambda: _late_rows_dropped() - dropped_before >= 2 * len(late), 60, what="late rows metric")
+        assert _late_rows_dropped() - dropped_before == 2 * len(late)
+    finally:
+        spark.streams.removeListener(listener)
+
+    everything = [Transaction.from_json(line) for line in on_time + late + behind]
+    assert set(_stored(s)) == {tx.hash for tx in everything}, "late rows must still be stored"
+    counted = [Transaction.from_json(line) for line in on_time + behind]
+    _assert_window_stats(s, counted)

@@ -20,7 +20,14 @@ import pytest
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
 from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
-from helpers.stream import create_topic, looped_records, producer, start_stream, wait_for
+from helpers.stream import (
+    create_topic,
+    kill_stream,
+    looped_records,
+    producer,
+    start_stream,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,11 +58,6 @@ def _window_total(settings: Settings, table: str) -> int:
     return int(df["tx_count"].sum())
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # the Python driver and its JVM at once, like a power cut
-    proc.wait()
-
-
 def _assert_exactly_once(settings: Settings, expected: set[str]) -> None:
     stored = _hashes(settings)
     assert len(stored) == len(set(stored)), f"{len(stored) - len(set(stored))} duplicate hashes"
@@ -82,8 +84,32 @@ def fault_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
     )
 
 
-def test_kill_9_mid_replay_loses_and_duplicates_nothing(fault_settings: Settings, tmp_path: Path) -> None:
-    s = fault_settings
+def _scored_version(settings: Settings) -> int:
+    return delta_reader.table_version(settings.lake_table("scored_transactions")) or -1
+
+
+def _assert_scored_exactly_once(settings: Settings, expected: set[str]) -> None:
+    scored = delta_reader.read_arrow(settings.lake_table("scored_transactions"), columns=["hash"])
+    hashes = scored["hash"].to_pylist()
+    assert len(hashes) == len(set(hashes)), f"{len(hashes) - len(set(hashes))} transactions scored twice"
+    missing = expected - set(hashes)
+    assert not missing, f"{len(missing)} stored transactions never scored"
+    assert set(hashes) == expected
+
+
+def test_kill_9_mid_replay_loses_and_duplicates_nothing(
+    fault_settings: Settings, champion_settings: Settings, tmp_path: Path
+) -> None:
+    """Killed three times while it ingests and scores: ``transactions``, the windows and
+    ``scored_transactions`` each end with every published hash once."""
+    s = fault_settings.model_copy(
+        update={
+            "mlflow_tracking_uri": champion_settings.mlflow_tracking_uri,
+            "model_name": champion_settings.model_name,
+            "model_reload_s": 1.0,
+            "stream_score_trigger_s": 0.0,
+        }
+    )
     records = list(looped_records(FAULT_MESSAGES))
     expected = {h for h, _, _ in records}
     assert len(expected) == FAULT_MESSAGES
@@ -92,20 +118,28 @@ def test_kill_9_mid_replay_loses_and_duplicates_nothing(fault_settings: Settings
     log = tmp_path / "stream.log"
     rng = random.Random(7)
     for kill in range(KILLS):
-        before = _version(s)
+        # The first kill after a commit of transactions, the others after one of scored_transactions:
+        # each cuts off the queries at a random point of the batches that follow.
+        version = _version if kill == 0 else _scored_version
+        before = version(s)
         proc = start_stream(s, log)
         try:
-            # Let it commit at least one batch, then kill it at a random point of the following ones.
-            wait_for(lambda b=before, p=proc: _version(s) > b or p.poll() is not None, 240, what="a commit")
+            wait_for(
+                lambda b=before, p=proc, v=version: v(s) > b or p.poll() is not None,
+                400,
+                what="a commit",
+            )
             assert proc.poll() is None, f"stream exited with {proc.returncode}; see {log}"
             time.sleep(rng.uniform(0.0, 3.0))
         finally:
-            _kill(proc)
+            kill_stream(proc)
         stored = len(_hashes(s))
         assert stored < FAULT_MESSAGES, f"kill {kill + 1} came after the replay was done; publish more"
+    assert _scored_version(s) >= 0, "no kill came while the stream was scoring"
     proc = start_stream(s, log, "--available-now")
-    assert proc.wait(timeout=600) == 0, f"final drain failed; see {log}"
+    assert proc.wait(timeout=900) == 0, f"final drain failed; see {log}"
     _assert_exactly_once(s, expected)
+    _assert_scored_exactly_once(s, expected)
 
 
 def _metric(port: int, name: str) -> float | None:
@@ -166,5 +200,33 @@ def test_broker_restart_under_running_stream(own_broker: KafkaBroker, tmp_path: 
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            _kill(proc)
+            kill_stream(proc)
     _assert_exactly_once(s, expected)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_stream_cleanly(fault_settings: Settings, tmp_path: Path, sig: int) -> None:
+    """honcho (`make demo`) stops a process with SIGTERM to its whole process group, a terminal's Ctrl-C
+    sends SIGINT to it: the JVM and Spark's Python workers get the signal too. The stream must stop its
+    queries itself, exit 0, and print no Java or Python stack trace; a second signal changes nothing."""
+    s = fault_settings
+    create_topic(s.kafka_bootstrap, s.topic)
+    _publish(s.kafka_bootstrap, s.topic, list(looped_records(10_000)))
+    log = tmp_path / "stream.log"
+    proc = start_stream(s, log, stream_max_offsets_per_trigger=1_000)
+    try:
+        # Signalled while it still works through the topic: a micro-batch is likely running.
+        wait_for(lambda: _version(s) > 0 or proc.poll() is not None, 400, what="a commit")
+        assert proc.poll() is None, f"stream exited with {proc.returncode}:\n{log.read_text()}"
+        os.killpg(proc.pid, sig)
+        time.sleep(0.5)
+        os.killpg(proc.pid, sig)  # impatient operator: must not cut the shutdown short
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_stream(proc)
+    text = log.read_text()
+    traces = [line for line in text.splitlines() if "Traceback" in line or "Exception" in line]
+    assert code == 0, f"exit code {code}:\n{text[-5000:]}"
+    assert not traces, "stack traces in the stream's output:\n" + "\n".join(traces[:20])
+    assert "stopping the queries" in text

@@ -17,6 +17,8 @@ from btc_anomaly.config import Settings
 from btc_anomaly.runtime.jars import artifact_name, jar_dir
 
 if TYPE_CHECKING:
+    from py4j.java_gateway import JavaGateway
+    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -76,28 +78,56 @@ def build_session(settings: Settings, app_name: str = "btc-anomaly-stream") -> S
     Only the first call in a process configures the JVM (master, memory, jars); later calls return the
     same session, which is what the test suite relies on for its one session per run.
     """
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     # PySpark forks the JVM with this interpreter's environment; make sure workers use this venv too.
     os.environ.setdefault("PYSPARK_PYTHON", _python())
+    if SparkContext._active_spark_context is None:
+        conf = SparkConf().setMaster(settings.spark_master).setAppName(app_name)
+        conf.setAll(list(session_conf(settings).items()))
+        SparkContext(conf=conf, gateway=_own_session_gateway(conf))
     builder = SparkSession.builder.master(settings.spark_master).appName(app_name)
     for key, value in session_conf(settings).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark_log_level)
-    _quiet(
-        spark, "org.apache.spark.rdd.MapPartitionsRDD"
-    )  # "locally checkpointed ... unpersisting": intended
+    quiet(spark, "org.apache.spark.rdd.MapPartitionsRDD")  # "locally checkpointed ... unpersisting": intended
     log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
     return spark
 
 
-def _quiet(spark: SparkSession, logger: str) -> None:
+def _own_session_gateway(conf: SparkConf) -> JavaGateway:
+    """The py4j gateway JVM in a session (process group) of its own.
+
+    A supervisor stops a process by signalling its whole group (honcho's SIGTERM in `make demo`, a
+    terminal's Ctrl-C): in our group the JVM and Spark's Python workers would die at once, under
+    running queries (Java stack traces, exit 1). Out of it, only the driver gets the signal and stops
+    the queries, then the JVM (stream.run_stream). The JVM still dies with the driver: it exits when
+    its stdin, a pipe from this process, closes."""
+    from pyspark.java_gateway import launch_gateway
+
+    return launch_gateway(conf, popen_kwargs={"start_new_session": True})
+
+
+# Spark's loggers that report each task a stop cancels ("Putting block ... failed due to exception
+# TaskKilledException", "Lost task ... TaskKilled"): expected while the stream stops its queries.
+CANCELLATION_LOGGERS = (
+    "org.apache.spark.storage.BlockManager",
+    "org.apache.spark.scheduler.TaskSetManager",
+    "org.apache.spark.scheduler.DAGScheduler",
+    "org.apache.spark.executor.Executor",
+)
+
+
+def quiet(spark: SparkSession, *loggers: str) -> None:
+    """Only ERROR and above from these JVM loggers."""
     jvm = spark.sparkContext._jvm
     if jvm is None:
         return
     level = jvm.org.apache.logging.log4j.Level.ERROR
-    jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(logger, level)
+    for logger in loggers:
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(logger, level)
 
 
 def _python() -> str:

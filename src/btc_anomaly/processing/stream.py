@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from btc_anomaly.config import Settings
@@ -54,6 +55,25 @@ TX_QUERY = "transactions"
 STATS_QUERY = "tx_stats"
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STOP_TIMEOUT_S = 60.0
+
+
+class StreamFailed(RuntimeError):
+    """A query failed in a way its restart from the checkpoint cannot fix: the operator has to act."""
+
+
+def data_loss_error(settings: Settings, error: object) -> StreamFailed | None:
+    """The StreamFailed for a Kafka source error that says records were lost before the stream read
+    them (``stream_fail_on_data_loss``), else None. Spark would fail the same way on every restart."""
+    text = str(error)
+    if "KAFKA_DATA_LOSS" not in text and "failOnDataLoss" not in text:
+        return None
+    detail = next((line for line in text.splitlines() if "KAFKA_DATA_LOSS" in line), text.splitlines()[0])
+    return StreamFailed(
+        f"Kafka no longer holds records of {settings.topic} that the stream had not read yet (the topic "
+        f"was deleted and recreated, or retention deleted them first): {detail.strip()[:400]}. Stopped, "
+        "as stream_fail_on_data_loss=true says. Replay the lost records from their source if possible, "
+        "then restart with BTC_ANOMALY_STREAM_FAIL_ON_DATA_LOSS=false once to skip the gap."
+    )
 
 
 def kafka_source(spark: SparkSession, settings: Settings) -> DataFrame:
@@ -89,6 +109,7 @@ def start_transactions_query(
     *,
     available_now: bool = False,
     on_batch: BatchHook | None = None,
+    stopping: threading.Event | None = None,
 ) -> StreamingQuery:
     compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
     # One index per query run: it is loaded from the table by the run's first batch (stored_hashes.py).
@@ -124,7 +145,7 @@ def start_transactions_query(
         .writeStream.queryName(TX_QUERY)
         .option("checkpointLocation", lake.checkpoint(TX_QUERY))
         .trigger(**trigger_options(settings.stream_trigger_s, available_now))
-        .foreachBatch(handle)
+        .foreachBatch(interruptible(handle, stopping or threading.Event()))
         .start()
     )
 
@@ -171,7 +192,12 @@ class Compactor:
 
 
 def start_stats_query(
-    spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
+    spark: SparkSession,
+    settings: Settings,
+    lake: Lake,
+    *,
+    available_now: bool = False,
+    stopping: threading.Event | None = None,
 ) -> StreamingQuery:
     paths = {g: lake.table(name) for g, name in GRANULARITIES_S.items()}
     inserts = inserted_transactions(
@@ -194,19 +220,101 @@ def start_stats_query(
         .outputMode("update")
         .option("checkpointLocation", lake.checkpoint(STATS_QUERY))
         .trigger(**trigger_options(settings.stream_stats_trigger_s, available_now))
-        .foreachBatch(handle)
+        .foreachBatch(interruptible(handle, stopping or threading.Event()))
         .start()
     )
 
 
-def stop_gracefully(query: StreamingQuery, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """Stop between micro-batches when possible: stopping interrupts a running batch, which is safe
-    (it is replayed on restart) but wastes its work and makes Spark log the interruption at length."""
+# What Spark's StreamExecution.isInterruptionException looks for in an error of a foreachBatch function
+# (a Py4J error whose message names an interruption): the query then ends as stopped, not failed.
+INTERRUPTED = (
+    "py4j.protocol.Py4JJavaError: An error occurred while calling stop: java.lang.InterruptedException"
+)
+
+
+class BatchInterrupted(Exception):
+    """A micro-batch cut off by the stop of its query; nothing of it is committed and it is run again
+    on restart. Raised without its cause: Spark matches the message with a regular expression that
+    overflows the JVM's stack on a long Python traceback (a StackOverflowError in the query thread)."""
+
+
+class _QuietInterruptions(logging.Filter):
+    """Py4J logs every exception of a Python callback at ERROR with its traceback; a batch cut off by a
+    stop is the expected end of a run, said once by the runner at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], BatchInterrupted))
+
+
+logging.getLogger("py4j.clientserver").addFilter(_QuietInterruptions())
+
+
+def interruptible(
+    handler: Callable[[DataFrame, int], None], stopping: threading.Event
+) -> Callable[[DataFrame, int], None]:
+    """The foreachBatch function ``handler``, whose failure once the runner stops its queries (Spark
+    cancels the batch's jobs) ends the query as stopped, quietly."""
+
+    def run(batch: DataFrame, batch_id: int) -> None:
+        try:
+            handler(batch, batch_id)
+        except Exception:
+            if not stopping.is_set():
+                raise
+            raise BatchInterrupted(INTERRUPTED) from None
+
+    return run
+
+
+def stop_all(
+    queries: list[StreamingQuery], stopping: threading.Event, timeout_s: float = STOP_TIMEOUT_S
+) -> None:
+    """Let the micro-batch each query is running finish (up to ``timeout_s``), then stop them all.
+
+    A query whose batches run back to back (a backlog) starts its next batch at once, which the stop
+    then cuts off early: safe (replayed on restart) and quiet (``interruptible``)."""
     deadline = time.monotonic() + timeout_s
-    while query.isActive and query.status.get("isTriggerActive") and time.monotonic() < deadline:
+
+    def done(q: StreamingQuery) -> int:
+        return int((q.lastProgress or {}).get("batchId", -1))
+
+    running = {id(q): done(q) for q in queries if q.isActive and q.status.get("isTriggerActive")}
+    while running and time.monotonic() < deadline:
+        running = {
+            id(q): b
+            for q in queries
+            if (b := running.get(id(q))) is not None
+            and q.isActive
+            and q.status.get("isTriggerActive")
+            and done(q) == b
+        }
         time.sleep(0.1)
-    if query.isActive:
-        query.stop()
+    stopping.set()
+    active = [q for q in queries if q.isActive]
+    if active:
+        from btc_anomaly.processing.spark_session import CANCELLATION_LOGGERS, quiet
+
+        quiet(active[0].sparkSession, *CANCELLATION_LOGGERS)
+    for q in active:
+        q.stop()
+
+
+def unreadable_tables(root: Path) -> list[str]:
+    """The table folders under ``root`` whose Delta log cannot be read (delta-rs: no JVM, no cache)."""
+    from deltalake import DeltaTable
+
+    bad = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        try:
+            DeltaTable(str(path)).version()
+        except Exception as exc:
+            bad.append(f"{path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})")
+    return bad
+
+
+def stop_gracefully(query: StreamingQuery, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """``stop_all`` of one query started without a runner (bench/bench_stream.py)."""
+    stop_all([query], threading.Event(), timeout_s)
 
 
 @dataclass
@@ -217,6 +325,8 @@ class StreamRunner:
     spark: SparkSession
     on_batch: BatchHook | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
+    # Set by stop_all just before it stops the queries (their handlers then end quietly).
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         # The supervisor loop checks the registry for a champion: an outage must not hold it (and the
@@ -225,32 +335,70 @@ class StreamRunner:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.lake = Lake.from_settings(self.settings)
         self.lake.root.mkdir(parents=True, exist_ok=True)
-        ensure_tables(self.spark, self.lake)
+        try:
+            ensure_tables(self.spark, self.lake)
+        except Exception as exc:
+            # A missing or torn _delta_log (a lost volume, a copy without it): Delta must not start a new
+            # table over the old files, and a restart would fail the same way.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            failed = StreamFailed(
+                f"the lake's tables cannot be opened: {', '.join(unreadable_tables(self.lake.root)) or self.lake.root} "
+                f"({lines[0][:600] if lines else repr(exc)}). A table whose _delta_log is missing or corrupt "
+                "must be restored from a backup (or its folder moved away, to begin it anew from what Kafka "
+                "still holds) before the stream starts."
+            )
+            log.error("%s", failed)
+            raise failed from None
 
     def run_available_now(self, stats: bool = True, scoring: bool | None = False) -> None:
         """Drain what Kafka holds now into the lake, then return (tests, backfills, batch jobs).
 
         ``scoring``: also score the new rows (None = when enabled in Settings and a champion exists)."""
-        q = start_transactions_query(
-            self.spark, self.settings, self.lake, available_now=True, on_batch=self.on_batch
+        self._await(
+            start_transactions_query(
+                self.spark,
+                self.settings,
+                self.lake,
+                available_now=True,
+                on_batch=self.on_batch,
+                stopping=self.stopping,
+            )
         )
-        q.awaitTermination()
-        if stats:
-            s = start_stats_query(self.spark, self.settings, self.lake, available_now=True)
-            s.awaitTermination()
+        if stats and not self.stop_event.is_set():
+            self._await(
+                start_stats_query(
+                    self.spark, self.settings, self.lake, available_now=True, stopping=self.stopping
+                )
+            )
         if scoring is None:
             scoring = self.settings.stream_scoring and champion_exists(self.settings)
-        if scoring:
-            start_scoring_query(self.spark, self.settings, self.lake, available_now=True).awaitTermination()
+        if scoring and not self.stop_event.is_set():
+            self._await(start_scoring_query(self.spark, self.settings, self.lake, available_now=True))
+
+    def _await(self, query: StreamingQuery) -> None:
+        """Wait for an availableNow query to drain, or for ``stop_event`` (then stop it like run_forever);
+        raise its failure (StreamFailed when Kafka lost records it had not read)."""
+        try:
+            while not query.awaitTermination(1):
+                if self.stop_event.is_set():
+                    stop_all([query], self.stopping)
+        except Exception as exc:
+            failed = data_loss_error(self.settings, exc)
+            if failed is None:
+                raise
+            log.error("%s", failed)
+            raise failed from None
 
     def run_forever(self) -> None:
         """Run the queries until ``stop_event`` is set (scoring from the first champion on); restart a
         failed query from its checkpoint."""
         starters: dict[str, Callable[[], StreamingQuery]] = {
             TX_QUERY: lambda: start_transactions_query(
-                self.spark, self.settings, self.lake, on_batch=self.on_batch
+                self.spark, self.settings, self.lake, on_batch=self.on_batch, stopping=self.stopping
             ),
-            STATS_QUERY: lambda: start_stats_query(self.spark, self.settings, self.lake),
+            STATS_QUERY: lambda: start_stats_query(
+                self.spark, self.settings, self.lake, stopping=self.stopping
+            ),
             SCORING_QUERY: lambda: start_scoring_query(self.spark, self.settings, self.lake),
         }
         queries = {name: starters[name]() for name in (TX_QUERY, STATS_QUERY)}
@@ -277,6 +425,10 @@ class StreamRunner:
                         continue
                     if name not in restart_at:
                         exc = q.exception()
+                        failed = data_loss_error(self.settings, exc) if exc is not None else None
+                        if failed is not None:
+                            log.error("query %s stopped: %s", name, failed)
+                            raise failed
                         wait = RESTART_BACKOFF_S[min(failures[name], len(RESTART_BACKOFF_S) - 1)]
                         failures[name] += 1
                         log.error("query %s stopped (%s); restarting in %.0f s", name, exc, wait)
@@ -290,8 +442,8 @@ class StreamRunner:
                             log.exception("query %s could not restart", name)
                             restart_at[name] = time.monotonic() + RESTART_BACKOFF_S[-1]
         finally:
-            for q in queries.values():
-                stop_gracefully(q)
+            stop_all(list(queries.values()), self.stopping)
+            log.info("queries stopped")
 
 
 def run_stream(
