@@ -287,8 +287,11 @@ def test_ready_needs_the_lake(tmp_path: Path) -> None:
 
 
 def test_ready_says_what_is_missing_not_where_or_the_upstream_words(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One failed attempt, as `btc-anomaly api` configures its registry client (server.py), not minutes of retries.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     lake = tmp_path / "lake"
     (lake / "scored_transactions" / "_delta_log").mkdir(parents=True)
     (lake / "scored_transactions" / "_delta_log" / "00000000000000000000.json").write_text(
