@@ -30,6 +30,7 @@ TINY_ARGS: dict[str, list[str]] = {
     "bench_api_big_tx": ["--quick"],
     "bench_dashboard": ["--rows", "5000", "--repeats", "1", "--files", "2"],
     "bench_detectors": ["--repeats", "1", "--rows", "2000"],
+    "bench_lake": ["--rows", "2000", "--requests", "2", "--naive-requests", "1"],
     "bench_producer": ["--messages", "2000", "--repeats", "1", "--bootstrap", "{kafka}"],
     "bench_quality": ["--protocol", "holdout", "--sample-rows", "800"],
     "bench_scoring": ["--repeats", "1", "--rows", "2000"],
