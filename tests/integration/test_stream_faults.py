@@ -213,10 +213,10 @@ def test_a_signal_stops_the_stream_cleanly(fault_settings: Settings, tmp_path: P
     create_topic(s.kafka_bootstrap, s.topic)
     _publish(s.kafka_bootstrap, s.topic, list(looped_records(10_000)))
     log = tmp_path / "stream.log"
-    proc = start_stream(s, log, stream_max_offsets_per_trigger=1_000)
+    proc = start_stream(s, log, stream_max_offsets_per_trigger=1_000, stream_scoring=False)
     try:
         # Signalled while it still works through the topic: a micro-batch is likely running.
-        wait_for(lambda: _version(s) > 0 or proc.poll() is not None, 400, what="a commit")
+        wait_for(lambda: _version(s) > 0 or proc.poll() is not None, 600, what="a commit")
         assert proc.poll() is None, f"stream exited with {proc.returncode}:\n{log.read_text()}"
         os.killpg(proc.pid, sig)
         time.sleep(0.5)

@@ -92,7 +92,7 @@ def build_session(settings: Settings, app_name: str = "btc-anomaly-stream") -> S
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark_log_level)
-    quiet(spark, "org.apache.spark.rdd.MapPartitionsRDD")  # "locally checkpointed ... unpersisting": intended
+    quiet("org.apache.spark.rdd.MapPartitionsRDD")  # "locally checkpointed ... unpersisting": intended
     log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
     return spark
 
@@ -120,9 +120,11 @@ CANCELLATION_LOGGERS = (
 )
 
 
-def quiet(spark: SparkSession, *loggers: str) -> None:
-    """Only ERROR and above from these JVM loggers."""
-    jvm = spark.sparkContext._jvm
+def quiet(*loggers: str) -> None:
+    """Only ERROR and above from these loggers of the process' JVM (none yet: nothing to do)."""
+    from pyspark import SparkContext
+
+    jvm = SparkContext._jvm
     if jvm is None:
         return
     level = jvm.org.apache.logging.log4j.Level.ERROR

@@ -294,7 +294,7 @@ def stop_all(
     if active:
         from btc_anomaly.processing.spark_session import CANCELLATION_LOGGERS, quiet
 
-        quiet(active[0].sparkSession, *CANCELLATION_LOGGERS)
+        quiet(*CANCELLATION_LOGGERS)
     for q in active:
         q.stop()
 
