@@ -190,9 +190,12 @@ def test_pushes_beyond_the_queue_bound_are_dropped_and_counted(fake_blockchain: 
             source = WsSource(client.settings, client)
             for tx in txs:  # nobody reads the queue meanwhile
                 source._handle(orjson.dumps({"op": "utx", "x": tx}))
+            depths.append(REGISTRY.get_sample_value("btc_producer_queue_depth", {"queue": "ws"}))
             queued = [source._queue.get_nowait() for _ in range(source._queue.qsize())]
             return queued, source
 
+    depths: list[float | None] = []
     queued, source = asyncio.run(go())
+    assert depths == [3.0], "the queue-depth gauge shows the full queue"
     assert [i.hash for i in queued if isinstance(i, Transaction)] == [t["hash"] for t in txs[:3]]
     assert source.dropped == 5 and _errors("source_dropped") - before == 5

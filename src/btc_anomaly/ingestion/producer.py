@@ -466,6 +466,7 @@ class TxProducer:
                 failed += 1
                 self._requeue(entry[1], entry[2], entry[3], entry[4], future.exception)
         self._pending = still
+        metrics.PRODUCER_QUEUE_DEPTH.labels(queue="retry").set(len(self._retry))
         for done, topic, key, value, _ in rejected:  # after the swap: dead-lettering appends to _pending
             self._reject(topic, key, value, done.exception)
         # In-flight sends stay pending; sweeping again only after _SWEEP_EVERY more keeps sweeps O(n) overall.
@@ -684,6 +685,7 @@ def build_source(
 ) -> Iterable[Item | None]:
     """The items of one ``produce --source`` choice (``None`` = idle tick of a live source)."""
     paths = paths or []
+    source_depth = metrics.PRODUCER_QUEUE_DEPTH.labels(queue="source").set
     if source == "replay":
         from btc_anomaly.ingestion.replay_source import ReplaySource
 
@@ -705,7 +707,10 @@ def build_source(
 
         if paths:
             return iterate_async(
-                lambda: fetch_tx_items(settings, paths), stop, maxsize=settings.producer_source_queue_max
+                lambda: fetch_tx_items(settings, paths),
+                stop,
+                maxsize=settings.producer_source_queue_max,
+                on_depth=source_depth,
             )
 
         async def rest() -> AsyncIterator[Item]:
@@ -713,7 +718,7 @@ def build_source(
                 async for item in RestSource(settings, client):
                     yield item
 
-        return iterate_async(rest, stop, maxsize=settings.producer_source_queue_max)
+        return iterate_async(rest, stop, maxsize=settings.producer_source_queue_max, on_depth=source_depth)
     if source == "ws":
         from btc_anomaly.ingestion.rest_source import BlockchainClient
         from btc_anomaly.ingestion.ws_source import WsSource
@@ -726,7 +731,7 @@ def build_source(
                 async for item in WsSource(settings, client):
                     yield item
 
-        return iterate_async(ws, stop, maxsize=settings.producer_source_queue_max)
+        return iterate_async(ws, stop, maxsize=settings.producer_source_queue_max, on_depth=source_depth)
     raise ValueError(f"unknown source {source!r}: expected rest, ws, replay or blocks")
 
 

@@ -40,6 +40,7 @@ from btc_anomaly.ingestion.records import Failure, Item
 from btc_anomaly.ingestion.rest_source import BlockchainClient, FetchError, RestSource, fetch_block_items
 from btc_anomaly.monitoring.metrics import (
     PRODUCER_LAST_FETCH,
+    PRODUCER_QUEUE_DEPTH,
     PRODUCER_REST_FALLBACK,
     PRODUCER_WS_CONNECTED,
     producer_error,
@@ -97,6 +98,7 @@ class WsSource:
                 getter = asyncio.ensure_future(self._queue.get())
                 done, _ = await asyncio.wait([getter, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
+                    PRODUCER_QUEUE_DEPTH.labels(queue="ws").set(self._queue.qsize())
                     yield getter.result()
                     continue
                 getter.cancel()
@@ -208,6 +210,7 @@ class WsSource:
         """Queue a push, or drop and count it when the queue is full (see the module docstring)."""
         try:
             self._queue.put_nowait(item)
+            PRODUCER_QUEUE_DEPTH.labels(queue="ws").set(self._queue.qsize())
         except asyncio.QueueFull:
             self.dropped += 1
             producer_error("source_dropped")

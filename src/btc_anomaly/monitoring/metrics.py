@@ -36,7 +36,8 @@ PRODUCER_ERRORS = Counter(
     "btc_producer_errors",
     "Errors by kind: failed HTTP attempts (http_429, http_5xx, http_4xx, timeout, connect, html, bad_json), "
     "polls given up after retries (poll_failed), WebSocket drops (ws_disconnect), "
-    "Kafka sends re-queued (kafka_send).",
+    "Kafka sends re-queued (kafka_send), records Kafka refuses for good, dead-lettered (kafka_rejected), "
+    "WebSocket pushes dropped while the source queue is full (source_dropped).",
     ["kind"],
 )
 PRODUCER_REQUEUED = Counter(
@@ -60,6 +61,12 @@ PRODUCER_WS_CONNECTED = Gauge(
     "btc_producer_ws_connected",
     "1 while the Blockchain.com WebSocket is connected, else 0.",
 )
+PRODUCER_QUEUE_DEPTH = Gauge(
+    "btc_producer_queue_depth",
+    "Items waiting inside the producer, by queue: source (hand-over from an async source), ws (WebSocket "
+    "pushes), retry (Kafka sends to repeat). Each is bounded except retry, which holds at most what was in flight.",
+    ["queue"],
+)
 PRODUCER_REST_FALLBACK = Gauge(
     "btc_producer_rest_fallback_active",
     "1 while REST polling stands in for a WebSocket that has been down too long, else 0.",
@@ -76,6 +83,8 @@ ERROR_KINDS = (
     "poll_failed",
     "ws_disconnect",
     "kafka_send",
+    "kafka_rejected",
+    "source_dropped",
 )
 
 
@@ -86,6 +95,8 @@ def producer_error(kind: str, n: int = 1) -> None:
 # Export every error kind from the start, so rate() and alert rules see a 0 series instead of none.
 for _kind in ERROR_KINDS:
     PRODUCER_ERRORS.labels(kind=_kind)
+for _queue in ("source", "ws", "retry"):
+    PRODUCER_QUEUE_DEPTH.labels(queue=_queue)
 
 # --- stream (processing/stream.py, exported by processing/metrics_listener.py) -----------------------
 
