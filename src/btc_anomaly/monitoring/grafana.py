@@ -268,6 +268,13 @@ PIPELINE = [
         unit="ops",
         width=12,
     ),
+    P(
+        "Producer queues (items waiting)",
+        [Q("max by (queue) (btc_producer_queue_depth)", "{{queue}}")],
+        width=12,
+        description="The source and WebSocket queues are bounded by producer_source_queue_max; a full ws queue "
+        "drops pushes (alert BtcProducerDroppingRecords).",
+    ),
     Row("Kafka → Spark stream"),
     P(
         "Kafka lag (records behind latest)",
