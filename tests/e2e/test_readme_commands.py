@@ -122,7 +122,15 @@ def stack_blocks(text: str) -> tuple[list[Command], list[str]]:
 
 
 def shape_errors(route: tuple[str, str], body: Any) -> list[str]:
-    shape = next((s for (m, p), s in SHAPES.items() if m == route[0] and route[1].startswith(p)), None)
+    # An entry ending in "/" covers the paths under it (/addresses/<address>); the others match exactly.
+    shape = next(
+        (
+            s
+            for (m, p), s in SHAPES.items()
+            if m == route[0] and (route[1] == p or (p.endswith("/") and route[1].startswith(p)))
+        ),
+        None,
+    )
     if shape is None:
         return [f"no SHAPES entry for {route[0]} {route[1]}: add the fields this example promises"]
     errors = []
