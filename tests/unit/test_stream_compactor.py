@@ -74,11 +74,11 @@ def upkeep(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, object]]:
         seen.append(("compact", path, since))
         return 3
 
-    def fake_vacuum(_spark: object, path: str, retention_h: float) -> bool:
+    def fake_vacuum(path: str, retention_h: float) -> list[str]:
         if path.endswith("broken"):
             raise RuntimeError("permission denied")
         seen.append(("vacuum", path, retention_h))
-        return True
+        return []
 
     monkeypatch.setattr(maintenance, "compact", fake_compact)
     monkeypatch.setattr(maintenance, "vacuum", fake_vacuum)
@@ -115,7 +115,7 @@ def test_vacuum_runs_every_period_over_every_table_and_survives_a_failure(
     assert len(upkeep) == 4
     never = maintenance.Vacuum(["/lake/transactions"], 24.0, every_s=0.0)
     clock[0] += 1e6
-    never.run_if_due(object())
+    never.run_if_due()
     assert len(upkeep) == 4
 
 

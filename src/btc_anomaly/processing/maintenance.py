@@ -8,9 +8,9 @@
   commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES).
 * ``Vacuum`` deletes the data files that left a table (compacted, MERGEd, overwritten) more than
   ``Settings.lake_vacuum_retention_h`` ago, every ``Settings.lake_vacuum_every_s``, for every table the
-  stream writes (``tables.STREAM_TABLES``, with Spark); ``vacuum_delta_rs`` does the same JVM-free for
-  the tables of `btc-anomaly detect` (``tables.DETECT_TABLES``), which also compacts them (each of its
-  upserts rewrites files).
+  stream writes (``tables.STREAM_TABLES``), JVM-free with delta-rs (Spark's VACUUM is several jobs: it
+  held a test's batch handler for minutes on the shared 2 cores); ``vacuum_delta_rs`` also compacts the
+  tables of `btc-anomaly detect` (``tables.DETECT_TABLES``), each of whose upserts rewrites files.
 
 Both are maintenance: a failure is logged with its traceback, the writer goes on, and the next due time
 retries. Neither changes data: compaction commits with ``dataChange=false`` (change-feed readers skip
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
-
-# Delta refuses a VACUUM retention under 7 days unless this check is off; the retention is the
-# operator's choice (Settings.lake_vacuum_retention_h), so the check is off for our own VACUUMs.
-_RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 
 
 @dataclass
@@ -67,45 +63,50 @@ class Vacuum:
     def due(self) -> bool:
         return self.every_s > 0 and time.monotonic() - self.last >= self.every_s
 
-    def run_if_due(self, spark: SparkSession) -> None:
+    def run_if_due(self) -> None:
         if not self.due():
             return
         self.last = time.monotonic()
         for path in self.paths:
             started = time.perf_counter()
             try:
-                deleted = vacuum(spark, path, self.retention_h)
+                deleted = vacuum(path, self.retention_h)
             except Exception:
                 log.exception("vacuum of %s failed; retried in %.0f s", path, self.every_s)
                 continue
             if deleted is not None:
-                log.info("vacuumed %s in %.2f s", path, time.perf_counter() - started)
+                log.info(
+                    "vacuumed %s: %d files deleted in %.2f s",
+                    path,
+                    len(deleted),
+                    time.perf_counter() - started,
+                )
 
 
-def vacuum(spark: SparkSession, path: str, retention_h: float) -> bool | None:
-    """Delta VACUUM of the table at ``path`` with Spark; None when there is no table there (yet)."""
-    from delta.tables import DeltaTable
-
-    if not DeltaTable.isDeltaTable(spark, path):
-        return None
-    spark.conf.set(_RETENTION_CHECK, "false")
-    DeltaTable.forPath(spark, path).vacuum(retention_h)
-    return True
-
-
-def vacuum_delta_rs(path: str, retention_h: float) -> list[str] | None:
-    """Compaction then VACUUM of a table written with deltalake (delta-rs), JVM-free; returns the files
-    deleted, or None when there is no table at ``path``."""
+def vacuum(path: str, retention_h: float) -> list[str] | None:
+    """Delta VACUUM of the table at ``path``, JVM-free (delta-rs: a listing and deletes, no Spark job, so
+    the query whose handler runs it waits seconds, not minutes on a busy machine); returns the files
+    deleted, or None when there is no table there (yet)."""
     from deltalake import DeltaTable
 
     if not DeltaTable.is_deltatable(path):
         return None
-    table = DeltaTable(path)
-    table.optimize.compact()
-    # delta-rs takes whole hours: round up, never keep less than asked.
-    return table.vacuum(
+    # delta-rs takes whole hours: round up, never keep less than asked. The retention is the operator's
+    # choice (Settings.lake_vacuum_retention_h), so Delta's 7-day minimum is not enforced.
+    return DeltaTable(path).vacuum(
         retention_hours=math.ceil(retention_h), dry_run=False, enforce_retention_duration=False
     )
+
+
+def vacuum_delta_rs(path: str, retention_h: float) -> list[str] | None:
+    """Compaction then VACUUM of a table written with deltalake (delta-rs; detect's tables), JVM-free;
+    returns the files deleted, or None when there is no table at ``path``."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(path):
+        return None
+    DeltaTable(path).optimize.compact()
+    return vacuum(path, retention_h)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Compactor:
 
     def run_if_due(self, spark: SparkSession) -> None:
         if self.vacuum is not None:
-            self.vacuum.run_if_due(spark)
+            self.vacuum.run_if_due()
         if self.every <= 0 or self.since is None or self.batches < self.every:
             return
         started = time.perf_counter()

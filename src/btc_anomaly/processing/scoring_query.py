@@ -20,6 +20,12 @@ Without a champion (fresh install, before the first training) the query is not s
 checks the alias every ``model_reload_s`` and starts it once a champion exists. It then begins with a
 snapshot of the whole table, so nothing ingested before the first model stays unscored.
 
+The table is partitioned like ``transactions``: by ``date``, the UTC date of ``first_seen``, so the API's
+time-window reads open one day's files. The query compacts the partitions it wrote every
+``Settings.stream_compact_every`` batches and VACUUMs the stream's tables every
+``Settings.lake_vacuum_every_s`` (maintenance.py). A table written unpartitioned by an older release is
+rewritten partitioned once, before the query starts (``ensure_partitioned``).
+
 With ``stream_notify``, each batch's forest anomalies also go to the rate-limited webhook notifier
 from the driver, after the write (a notification never announces a row that is not in the lake). Off
 by default: ``btc-anomaly detect`` already sends one alert per severe transaction with the rules and
@@ -29,7 +35,9 @@ without the detect service.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from btc_anomaly.config import Settings
@@ -37,6 +45,7 @@ from btc_anomaly.model.registry import CHAMPION
 from btc_anomaly.model.scoring import map_in_pandas_scorer, scored_spark_schema
 from btc_anomaly.monitoring.metrics import STREAM_PREDICTIONS
 from btc_anomaly.monitoring.notifier import notify_anomalies
+from btc_anomaly.processing import tables
 from btc_anomaly.processing.parse import transaction_columns
 
 if TYPE_CHECKING:
@@ -48,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCORING_QUERY = "scoring"
-SCORED = "scored_transactions"
+SCORED = tables.SCORED
 # Columns the notifier reads (see notifier.notify_anomalies); only anomalies leave the executors.
 _NOTIFY_COLUMNS = ("hash", "anomaly_score", "model_kind", "model_version", "reasons", "output_value", "fee")
 # At most this many anomalies of one batch are handed to the notifier: it summarises bursts anyway,
@@ -67,27 +76,45 @@ def champion_exists(settings: Settings) -> bool:
         return False
 
 
-def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int, notify: bool = False) -> int:
-    """Append one scored micro-batch (idempotent per batch id); returns the anomalies sent to the notifier."""
+@dataclass(frozen=True)
+class ScoredBatch:
+    notified: int  # anomalies handed to the notifier
+    oldest: dt.date | None  # oldest date partition written (None: no row)
+
+
+def write_scored(
+    scored: DataFrame, path: str, app_id: str, batch_id: int, notify: bool = False
+) -> ScoredBatch:
+    """Append one scored micro-batch into its date partitions (idempotent per batch id)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     # Scored once: the write and the anomaly query below must see the same rows (and scored_at).
-    kept = scored.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+    # The session time zone is UTC (spark_session.py), so the date is first_seen's UTC date.
+    kept = scored.withColumn(tables.DATE_COLUMN, F.to_date("first_seen")).localCheckpoint(
+        eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK
+    )
     (
         kept.write.format("delta")
         .mode("append")
+        .partitionBy(*tables.PARTITION_COLUMNS[SCORED])
         .option("mergeSchema", "true")
         .option("txnAppId", app_id)
         .option("txnVersion", str(batch_id))
         .save(path)
     )
-    counts = kept.groupBy("is_anomaly", "model_kind").count().collect()
+    counts = (
+        kept.groupBy("is_anomaly", "model_kind")
+        .agg(F.count(F.lit(1)).alias("count"), F.min(tables.DATE_COLUMN).alias("oldest"))
+        .collect()
+    )
+    dates = [row["oldest"] for row in counts if row["oldest"] is not None]
+    oldest = min(dates) if dates else None
     for row in counts:
         label = "anomaly" if row["is_anomaly"] else "normal"
         STREAM_PREDICTIONS.labels(label=label, model_kind=row["model_kind"]).inc(row["count"])
     if not notify:
-        return 0
+        return ScoredBatch(0, oldest)
     rows = (
         kept.where("is_anomaly")
         .orderBy(F.desc("anomaly_score"))
@@ -96,12 +123,46 @@ def write_scored(scored: DataFrame, path: str, app_id: str, batch_id: int, notif
         .collect()
     )
     notify_anomalies((r.asDict() for r in rows), source="stream")
-    return len(rows)
+    return ScoredBatch(len(rows), oldest)
+
+
+def ensure_partitioned(spark: SparkSession, path: str) -> bool:
+    """Rewrite a ``scored_transactions`` written unpartitioned (releases before the date partitions) into
+    date partitions, in one commit; True when it did. Runs before the scoring query starts, so no writer
+    competes; readers keep their snapshot, and the old files stay for time travel until VACUUM."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    if not DeltaTable.isDeltaTable(spark, path):
+        return False
+    wanted = tables.PARTITION_COLUMNS[SCORED]
+    current = DeltaTable.forPath(spark, path).detail().first()["partitionColumns"]
+    if list(current) == wanted:
+        return False
+    log.warning(
+        "%s is partitioned by %s (an older release): rewriting it partitioned by %s, once",
+        path,
+        list(current) or "nothing",
+        wanted,
+    )
+    rows = spark.read.format("delta").load(path)
+    if tables.DATE_COLUMN in rows.columns:
+        rows = rows.drop(tables.DATE_COLUMN)
+    (
+        rows.withColumn(tables.DATE_COLUMN, F.to_date("first_seen"))
+        .write.format("delta")
+        .mode("overwrite")
+        .option("overwriteSchema", "true")
+        .partitionBy(*wanted)
+        .save(path)
+    )
+    return True
 
 
 def start_scoring_query(
     spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
 ) -> StreamingQuery:
+    from btc_anomaly.processing.maintenance import Compactor, Vacuum
     from btc_anomaly.processing.sinks import inserted_transactions, streaming_query_id
     from btc_anomaly.processing.stream import trigger_options
 
@@ -123,15 +184,20 @@ def start_scoring_query(
         scorer, schema=scored_spark_schema()
     )
     path = lake.table(SCORED)
+    ensure_partitioned(spark, path)
+    # This query's handler also VACUUMs every table of the stream (all written by this process).
+    compactor = Compactor(path, settings.stream_compact_every, Vacuum.for_stream(settings, lake))
 
     def handle(batch: DataFrame, batch_id: int) -> None:
-        write_scored(
+        written = write_scored(
             batch,
             path,
             f"{streaming_query_id(batch.sparkSession)}:{SCORED}",
             batch_id,
             settings.stream_notify,
         )
+        compactor.wrote(written.oldest)
+        compactor.run_if_due(batch.sparkSession)
 
     return (
         scored.writeStream.queryName(SCORING_QUERY)
