@@ -215,9 +215,7 @@ def lineage(base: Settings, truncated: str) -> tuple[Settings, list[str]]:
     """A model of its own with three versions (v1 champion) that pass a gate with every check open:
     copies of a trained version (MLflow's copy_model_version), so no training per test."""
     wide = {k: v for values in OPEN.values() for k, v in values.items()}
-    s = base.model_copy(
-        update={"model_name": f"btc-anomaly-order-{uuid.uuid4().hex[:8]}", **wide}
-    )
+    s = base.model_copy(update={"model_name": f"btc-anomaly-order-{uuid.uuid4().hex[:8]}", **wide})
     source = f"models:/{base.model_name}/{truncated}"
     c = client(s)
     versions = [str(c.copy_model_version(source, s.model_name).version) for _ in range(3)]
