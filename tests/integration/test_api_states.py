@@ -63,6 +63,7 @@ def test_registry_down_starts_and_reports_not_ready(tmp_path: Path) -> None:
             r = http.post("/predict", json=RECORD)
             assert r.status_code == 503
             assert r.json()["detail"].startswith("model not loaded: model registry unreachable")
+            assert registry not in r.text, "the 503 of /predict names no upstream address"
             ready = http.get("/ready")
             assert ready.status_code == 503
             # Who is asked and what it answered are in the log, not in a body anyone on the port reads.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+from prometheus_client import REGISTRY
 
 from btc_anomaly.api.prevouts import PrevoutResolver, parse_rawtx_outputs
 from fakes.blockchain_com import FakeBlockchainCom, Fault, fake_blockchain, fake_settings
@@ -132,6 +135,8 @@ def test_a_429_opens_the_breaker_for_retry_after(fake_blockchain: FakeBlockchain
     async def run() -> None:
         limited = await resolver.resolve([first])
         assert "HTTP 429" in limited.errors[first]
+        paused_until = REGISTRY.get_sample_value("btc_api_prevout_paused_until_timestamp_seconds")
+        assert paused_until is not None and paused_until > time.time() + 3000, "the pause is exported"
         # The source answers normally again, but the client asked for an hour: nothing is sent meanwhile.
         later = await resolver.resolve([first, second])
         assert set(later.errors) == {first, second} and not later.prevouts

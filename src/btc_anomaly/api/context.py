@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from btc_anomaly.api.batcher import Coalescer
 from btc_anomaly.api.body import BodyParser
-from btc_anomaly.api.errors import ApiError
+from btc_anomaly.api.errors import ApiError, model_status
 from btc_anomaly.api.lake import ScoredTable
 from btc_anomaly.api.model_holder import ModelHolder, Served
 from btc_anomaly.api.prevouts import PrevoutResolver
@@ -30,7 +30,7 @@ class ApiContext:
         """The model for this request (read once: a reload during the request does not affect it), or 503."""
         served = self.holder.current
         if served is None:
-            raise ApiError(503, self.holder.status())
+            raise ApiError(503, model_status(self.holder))
         return served
 
 

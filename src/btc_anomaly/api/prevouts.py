@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from btc_anomaly.config import Settings
 from btc_anomaly.ingestion.decode import Prevout, PrevoutKey
-from btc_anomaly.monitoring.metrics import API_PREVOUT_LOOKUPS
+from btc_anomaly.monitoring.metrics import API_PREVOUT_LOOKUPS, API_PREVOUT_PAUSED_UNTIL
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class PrevoutResolver:
         """Skip the source for ``seconds`` (the breaker); said once in the log, not once per request."""
         until = time.monotonic() + seconds
         if until > self._down_until:
+            API_PREVOUT_PAUSED_UNTIL.set(time.time() + seconds)
             if time.monotonic() >= self._down_until:
                 log.warning("prevout lookups at %s paused for %.0f s: %s", self.source, seconds, reason)
             self._down_until = until

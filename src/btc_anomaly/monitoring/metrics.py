@@ -220,9 +220,16 @@ API_RAW_ITEMS = Counter(
 )
 API_PREVOUT_LOOKUPS = Counter(
     "btc_api_prevout_lookups",
-    "Parent transactions needed by /predict/raw, by result: fetched, cached, not_found, failed, skipped "
-    "(over the per-request cap, lookups disabled or the source marked unreachable).",
+    "Parent transactions needed by /predict/raw, by result: fetched, cached, not_found, cached_not_found "
+    "(a recent not-found answer, not asked again), failed, rate_limited (the source answered 429), skipped "
+    "(over the per-request cap, lookups disabled or the source paused).",
     ["result"],
+)
+API_PREVOUT_PAUSED_UNTIL = Gauge(
+    "btc_api_prevout_paused_until_timestamp_seconds",
+    "Unix time until which /predict/raw does not ask the prevout source (circuit breaker after failures or a "
+    "429); in the past while lookups run.",
+    multiprocess_mode="livemax",
 )
 
 
@@ -445,7 +452,15 @@ PREDICTION_LABELS = ("anomaly", "normal")
 MODEL_KINDS = ("full", "structural")
 API_RELOAD_RESULTS = ("success", "failure")
 API_RAW_RESULTS = ("scored", "invalid")
-API_PREVOUT_RESULTS = ("fetched", "cached", "not_found", "failed", "skipped")
+API_PREVOUT_RESULTS = (
+    "fetched",
+    "cached",
+    "not_found",
+    "cached_not_found",
+    "failed",
+    "rate_limited",
+    "skipped",
+)
 
 for _source in PRODUCER_SOURCES:
     PRODUCER_FETCHED.labels(source=_source)
