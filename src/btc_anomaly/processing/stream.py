@@ -71,8 +71,12 @@ def data_loss_error(settings: Settings, error: object) -> StreamFailed | None:
     return StreamFailed(
         f"Kafka no longer holds records of {settings.topic} that the stream had not read yet (the topic "
         f"was deleted and recreated, or retention deleted them first): {detail.strip()[:400]}. Stopped, "
-        "as stream_fail_on_data_loss=true says. Replay the lost records from their source if possible, "
-        "then restart with BTC_ANOMALY_STREAM_FAIL_ON_DATA_LOSS=false once to skip the gap."
+        "as stream_fail_on_data_loss=true says. Replay the lost records from their source if possible; "
+        "then, after retention, restart once with BTC_ANOMALY_STREAM_FAIL_ON_DATA_LOSS=false to skip the "
+        "gap; after the topic was recreated, remove the transactions query's checkpoint "
+        f"({Lake.from_settings(settings).checkpoint(TX_QUERY)}) instead: the stream then reads the new "
+        "topic from stream_starting_offsets, and the lake stores a transaction it reads twice once "
+        "(Spark would skip the new topic's records up to the old offsets)."
     )
 
 
@@ -234,34 +238,50 @@ INTERRUPTED = (
 
 class BatchInterrupted(Exception):
     """A micro-batch cut off by the stop of its query; nothing of it is committed and it is run again
-    on restart. Raised without its cause: Spark matches the message with a regular expression that
-    overflows the JVM's stack on a long Python traceback (a StackOverflowError in the query thread)."""
+    on restart."""
 
 
-class _QuietInterruptions(logging.Filter):
-    """Py4J logs every exception of a Python callback at ERROR with its traceback; a batch cut off by a
-    stop is the expected end of a run, said once by the runner at INFO."""
+class BatchFailed(Exception):
+    """A micro-batch that failed, summarised. Spark matches the message of a foreachBatch failure with
+    a regular expression (StreamExecution.isInterruptionException) that overflows the JVM's stack on
+    a long one — a Python traceback around a Java one is — and the query thread then dies of a
+    StackOverflowError instead of failing with its error. The full error is logged here, once."""
+
+
+def batch_error_summary(error: BaseException, limit: int = 2000) -> str:
+    """The first two lines of ``error`` (a Py4J error: the call, then the Java exception) and each
+    ``Caused by:`` line of its Java cause chain, shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = lines[:2] + [line for line in lines[2:] if line.startswith("Caused by:")]
+    return " | ".join(line[:500] for line in kept)[:limit] or type(error).__name__
+
+
+class _QuietBatchErrors(logging.Filter):
+    """Py4J logs every exception of a Python callback at ERROR with its traceback: an interrupted batch
+    is the expected end of a run, and a failed one is logged by ``interruptible`` already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], BatchInterrupted))
+        return not (record.exc_info and isinstance(record.exc_info[1], BatchInterrupted | BatchFailed))
 
 
-logging.getLogger("py4j.clientserver").addFilter(_QuietInterruptions())
+logging.getLogger("py4j.clientserver").addFilter(_QuietBatchErrors())
 
 
 def interruptible(
     handler: Callable[[DataFrame, int], None], stopping: threading.Event
 ) -> Callable[[DataFrame, int], None]:
-    """The foreachBatch function ``handler``, whose failure once the runner stops its queries (Spark
-    cancels the batch's jobs) ends the query as stopped, quietly."""
+    """The foreachBatch function ``handler``: its failure once the runner stops its queries (Spark
+    cancels the batch's jobs) ends the query as stopped, quietly; any other failure fails the query
+    with a summary that Spark can handle (BatchFailed)."""
 
     def run(batch: DataFrame, batch_id: int) -> None:
         try:
             handler(batch, batch_id)
-        except Exception:
-            if not stopping.is_set():
-                raise
-            raise BatchInterrupted(INTERRUPTED) from None
+        except Exception as exc:
+            if stopping.is_set():
+                raise BatchInterrupted(INTERRUPTED) from None
+            log.exception("micro-batch %d failed", batch_id)
+            raise BatchFailed(batch_error_summary(exc)) from None
 
     return run
 
