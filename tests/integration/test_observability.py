@@ -159,6 +159,12 @@ class Stack:
                 pytrace=False,
             )
 
+    def tails(self, jobs: set[str | None], n: int = 3000) -> str:
+        """The end of the logs of ``jobs``' processes (what a failure message shows)."""
+        return "\n".join(
+            f"--- {j} ---\n{self.procs[j].tail(n)}" for j in sorted(j for j in jobs if j in self.procs)
+        )
+
     def logs(self) -> str:
         parts = [f"--- prometheus ---\n{self.prometheus.log_tail()}"]
         parts += [f"--- {p.name} ---\n{p.tail()}" for p in self.procs.values()]
@@ -442,8 +448,8 @@ def evaluated(stack: Stack) -> Stack:
 def test_every_target_is_scraped(evaluated: Stack) -> None:
     targets = evaluated.prometheus.api("targets")["activeTargets"]
     health = {t["labels"]["job"]: t["health"] for t in targets}
-    assert set(health) == set(pc.JOBS)
-    down = {job for job in pc.JOBS if health.get(job) != "up"}
+    assert set(health) == {*pc.JOBS, "prometheus"}  # every service, and Prometheus itself
+    down = {job for job, h in health.items() if h != "up"}
     evaluated.fail_if_panicked(set(down))
     assert not down, f"not scraped: {down}\n{evaluated.logs()}"
 
@@ -467,7 +473,7 @@ def test_expression_returns_data(evaluated: Stack, query: promql.Query) -> None:
     result = evaluated.results.get(query.where)
     if not result:
         evaluated.fail_if_panicked(_services(query))
-    assert result, f"{query.where}: no data for {runnable_expr(query)!r}"
+    assert result, f"{query.where}: no data for {runnable_expr(query)!r}\n{evaluated.tails(_services(query))}"
 
 
 # Which scrape jobs must export a service's metrics. Every process that imports monitoring/metrics.py may
@@ -505,7 +511,10 @@ def test_metric_is_exported_by_its_service(evaluated: Stack, metric: str) -> Non
         pytest.skip(EVENT_ONLY[metric])
     if not jobs & owners:
         evaluated.fail_if_panicked(set(owners))
-    assert jobs & owners, f"{metric} is exported by {sorted(j for j in jobs if j)}, not by {sorted(owners)}"
+    assert jobs & owners, (
+        f"{metric} is exported by {sorted(j for j in jobs if j)}, not by {sorted(owners)}\n"
+        f"{evaluated.tails(set(owners))}"
+    )
 
 
 def test_producer_stalled_fires_when_the_producer_stops(evaluated: Stack) -> None:
