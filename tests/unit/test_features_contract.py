@@ -263,3 +263,14 @@ def test_numeric_columns_and_lists_with_nulls() -> None:
     col = features.list_column(lists, "l")
     assert col.null_count == 0 and col.to_pylist() == [[1], [], [2, 3]]
     assert features.list_lengths(col).tolist() == [1, 0, 2]
+
+
+def test_has_prevouts_on_nullable_integer_columns() -> None:
+    """Pandas' nullable Int64 (what Arrow gives with nullable types, and the benchmark's frames) reads as NaN."""
+    rows = _block(3)
+    rows[1]["fee"] = None
+    rows[2]["input_value"] = None
+    frame = pd.DataFrame(rows).astype({"fee": "Int64", "input_value": "Int64"})
+    assert frame["fee"].dtype == "Int64"
+    assert has_prevouts(frame).tolist() == [True, False, False]
+    np.testing.assert_allclose(market_fee_rates(frame), market_fee_rates(pd.DataFrame(rows)), rtol=0)

@@ -555,8 +555,22 @@ def test_promote_finishes_a_pending_promotion_and_an_existing_champion(
         "2",
     )
     assert again.summary == f"promoted {NAME} v2: already the champion"
+    assert again.decided_at.endswith("+00:00")  # decisions are stamped in UTC
     with pytest.raises(LookupError, match=f"{NAME} has no 'challenger' version to gate"):
         promotion.promote(settings)
+
+
+def test_promote_without_a_version_gates_the_challenger(registry: tuple[Settings, Any]) -> None:
+    settings, c = registry
+    c.set_registered_model_alias(NAME, "champion", "1")
+    c.set_registered_model_alias(NAME, "challenger", "3")
+    d = _decision(
+        version="3", promoted=True, previous_champion="1", decided_at="2026-01-04T00:00:00.000+00:00"
+    )
+    promotion._record(c, settings, d)
+    done = promotion.promote(settings)  # the challenger's recorded promotion, finished
+    assert (done.version, done.promoted, done.decided_at) == ("3", True, "2026-01-04T00:00:00.000+00:00")
+    assert str(c.get_model_version_by_alias(NAME, "champion").version) == "3"
 
 
 def test_reference_scores_are_the_bundles_own(small_benchmark: Path) -> None:

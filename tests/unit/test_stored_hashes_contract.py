@@ -75,6 +75,15 @@ def test_runs_merge_when_the_older_is_at_most_twice_the_newer() -> None:
     assert len(index) == 5
 
 
+def test_a_run_three_times_the_newer_stays_apart() -> None:
+    k = _keys(3)
+    index = StoredHashes()
+    index.add(k, _days(3))
+    index.add(k[:1], _days(1, DAY + 1))  # 3 > 2 * 1: not merged, so the repeated key is in both runs
+    assert len(index) == 4
+    assert index.contains(k[:1], DAY + 1).tolist() == [True]
+
+
 def test_runs_stop_merging_at_exactly_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     k = _keys(4)
     monkeypatch.setattr(stored_hashes, "MAX_MERGED_RUN", 4)
