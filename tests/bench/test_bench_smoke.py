@@ -65,7 +65,6 @@ def _children_cpu_s() -> float:
 def test_every_benchmark_has_tiny_arguments() -> None:
     missing = sorted(set(discovered()) - set(TINY_ARGS))
     assert not missing, f"add a tiny-size entry to TINY_ARGS in {__file__} for: {missing}"
-    assert not set(TINY_ARGS) - set(discovered()), "TINY_ARGS names a benchmark that no longer exists"
 
 
 def printed_table(stdout: str) -> bool:
