@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import pytest
+from deltalake import DeltaTable
 
 from btc_anomaly.config import Settings
 from btc_anomaly.features import compute_features
@@ -27,7 +28,7 @@ from btc_anomaly.model.registry import load_version
 from btc_anomaly.model.scoring import ChampionModel, score_frame
 from btc_anomaly.model.train import train
 from btc_anomaly.monitoring.notifier import Notifier, set_notifier
-from btc_anomaly.processing import delta_reader
+from btc_anomaly.processing import delta_reader, tables
 from btc_anomaly.processing.stream import StreamRunner
 from btc_anomaly.schema import Transaction
 from helpers.stream import create_topic, key_of, publish, sample_lines, wait_for
@@ -133,6 +134,11 @@ def test_stream_scores_every_transaction_once_and_follows_the_champion(
 
     scored = _scored(settings)
     assert len(scored) == len(lines) and scored["hash"].is_unique
+    # Partitioned like `transactions`: by first_seen's UTC date (the API's window reads prune by it).
+    table = DeltaTable(str(settings.lake_table(tables.SCORED)))
+    assert table.metadata().partition_columns == [tables.DATE_COLUMN]
+    dates = pd.to_datetime(scored["first_seen"], utc=True).dt.date
+    assert (scored[tables.DATE_COLUMN] == dates).all()
     by_hash = scored.set_index("hash")
     hashes = [Transaction.from_json(x).hash for x in lines]
     assert set(by_hash.loc[hashes[:FIRST], "model_version"]) == {v1}
