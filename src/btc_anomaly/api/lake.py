@@ -71,7 +71,6 @@ class WindowTooWide(ValueError):
             f"{max_window.total_seconds() / 3600:,.1f} h are read at once (api_lake_max_window_h): narrow "
             "since/until"
         )
-        self.field = "since"
 
 
 @dataclass(frozen=True)
