@@ -81,9 +81,16 @@ def test_disk_full_then_space_back_resumes_exactly_once(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: _failures() > failures_before or not thread.is_alive(), 300, what="a failed write")
+        wait_for(
+            lambda: (
+                any("No space left on device" in r.getMessage() for r in caplog.records)
+                or not thread.is_alive()
+            ),
+            300,
+            what="the runner's ERROR on the full disk",
+        )
         assert thread.is_alive(), f"the stream died instead of retrying: {errors}"
-        assert any("No space left on device" in r.getMessage() for r in caplog.records), caplog.text
+        wait_for(lambda: _failures() > failures_before, 60, what="btc_stream_query_failures_total")
         subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
         table = s.lake_table("transactions")
         wait_for(

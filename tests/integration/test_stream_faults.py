@@ -97,6 +97,7 @@ def _assert_scored_exactly_once(settings: Settings, expected: set[str]) -> None:
     assert set(hashes) == expected
 
 
+@pytest.mark.timeout(1800)  # three stream starts, scoring and the session champion's training
 def test_kill_9_mid_replay_loses_and_duplicates_nothing(
     fault_settings: Settings, champion_settings: Settings, tmp_path: Path
 ) -> None:

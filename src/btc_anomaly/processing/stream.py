@@ -61,13 +61,19 @@ class StreamFailed(RuntimeError):
     """A query failed in a way its restart from the checkpoint cannot fix: the operator has to act."""
 
 
+# How Spark's Kafka source says it: an error class (offsets planned on the driver) or the consumer's
+# message in a task (offsets fetched by the batch).
+DATA_LOSS_MARKS = ("KAFKA_DATA_LOSS", "failOnDataLoss", "Some data may have been lost")
+
+
 def data_loss_error(settings: Settings, error: object) -> StreamFailed | None:
     """The StreamFailed for a Kafka source error that says records were lost before the stream read
     them (``stream_fail_on_data_loss``), else None. Spark would fail the same way on every restart."""
     text = str(error)
-    if "KAFKA_DATA_LOSS" not in text and "failOnDataLoss" not in text:
+    if not any(mark in text for mark in DATA_LOSS_MARKS):
         return None
-    detail = next((line for line in text.splitlines() if "KAFKA_DATA_LOSS" in line), text.splitlines()[0])
+    lines = text.splitlines()
+    detail = next((line for line in lines if any(m in line for m in DATA_LOSS_MARKS)), lines[0])
     return StreamFailed(
         f"Kafka no longer holds records of {settings.topic} that the stream had not read yet (the topic "
         f"was deleted and recreated, or retention deleted them first): {detail.strip()[:400]}. Stopped, "
