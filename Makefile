@@ -14,7 +14,7 @@ EXTRAS := producer spark model api dashboard stream api-postgres
 # Chromium + chromedriver for the dashboard browser tests, wrk as the API benchmark's load generator.
 APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver wrk
 
-.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme clean \
+.PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme screenshots clean \
 	demo smoke-compose mutation
 
 # `make demo`: replay speed of the bundled sample (N x real time; a block every 600/N s), or SOURCE=ws for
@@ -82,8 +82,8 @@ format: venv  ## apply ruff formatting and safe fixes
 	$(BIN)/ruff check --fix src tests bench scripts
 	$(BIN)/ruff format src tests bench scripts
 
-bench: setup  ## benchmarks; results are appended to bench/RESULTS.md by hand from the printed table
-	$(BIN)/python -m bench.run_all
+bench: setup  ## every benchmark (long): bench/results.json, then the README's and RESULTS.md's tables from it
+	$(BIN)/python -m bench.run_all; status=$$?; $(BIN)/python scripts/update_readme.py; exit $$status
 
 requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyPI)
 	$(BIN)/pip install -q pip-tools
@@ -109,7 +109,10 @@ smoke-compose:  ## build and run docker-compose.yml for real here (own dockerd, 
 clean:  ## remove local state (lake, broker data, MLflow store) — not the venv or jars
 	rm -rf var
 
-readme: venv  ## regenerate the README's Settings and metrics reference from the code
+screenshots: setup  ## regenerate docs/*.png from the dashboard browser test (headless Chromium)
+	UPDATE_DOCS_SCREENSHOTS=1 $(BIN)/pytest tests/e2e/test_dashboard_browser.py -q -k every_panel_renders
+
+readme: venv  ## regenerate the README's Settings, metrics and benchmark tables (code, bench/results.json)
 	$(BIN)/python scripts/update_readme.py
 
 # Mutation testing (issue #20): mutmut mutates the modules of pyproject's [tool.mutmut] and runs the unit tests that
