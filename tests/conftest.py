@@ -149,6 +149,10 @@ def api_server(
             api_key="test-admin-key",
             api_max_body_bytes=8 * 1024 * 1024,
             api_prevout_timeout_s=2.0,
+            # The sample spans 2011-2025: the lake reads cover it whole (tests/integration/test_lake_bounds.py
+            # tests the bounds).
+            api_lake_window_h=131_400,
+            api_lake_max_window_h=131_400,
         ),
     )
     server.start()

@@ -61,6 +61,9 @@ def client(tmp_path: Path, lake: Path) -> Iterator[TestClient]:
         model_name="unit-model",
         watchlist_dir=LABELS,
         api_resolve_prevouts=False,
+        # The sample spans 2011-2025: the lake reads cover it whole (their bounds have tests of their own).
+        api_lake_window_h=131_400,
+        api_lake_max_window_h=131_400,
     )
     app = create_app(settings, watch_model=False)
     app.state.ctx.holder.install(served_sample_model())

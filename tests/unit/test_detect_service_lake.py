@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
+from prometheus_client import REGISTRY
 
 from btc_anomaly.detectors.service import DetectService, upsert
 from btc_anomaly.processing import tables
@@ -208,3 +209,22 @@ def test_maintenance_compacts_and_vacuums_detect_tables_without_changing_them(tm
     assert on_disk() == live and len(live) == 1
     assert content() == before
     assert not service.poll().failures  # and detect goes on reading and writing it
+
+
+def test_a_failing_maintenance_is_counted_and_detect_goes_on(tmp_path: Path) -> None:
+    """A table whose VACUUM fails (here: its log is unreadable) is counted per table for the
+    BtcLakeMaintenanceFailing alert; the other tables and the polls go on."""
+    lake = tmp_path / "lake"
+    service = DetectService(settings(lake_root=lake), RecordingNotifier())
+    write_transactions(lake, restamp(burst_members(), T0, 3.0))
+    assert not service.poll().failures
+    broken = lake / tables.COORDINATED_BURSTS / "_delta_log"
+    for commit in broken.glob("*.json"):
+        commit.write_text("{not json")
+    name = tables.COORDINATED_BURSTS
+    before = REGISTRY.get_sample_value("btc_detect_maintenance_failures_total", {"table": name}) or 0.0
+    service.maintain(force=True)
+    assert REGISTRY.get_sample_value("btc_detect_maintenance_failures_total", {"table": name}) == before + 1
+    assert REGISTRY.get_sample_value(
+        "btc_detect_maintenance_failures_total", {"table": tables.WINDOW_ANOMALIES}
+    ) in (None, 0.0)

@@ -302,6 +302,13 @@ def test_stream_query_names_are_the_streams() -> None:
     assert set(metrics.STREAM_QUERIES) == {stream.TX_QUERY, stream.STATS_QUERY, scoring.SCORING_QUERY}
 
 
+def test_maintained_table_names_are_the_lakes() -> None:
+    tables = pytest.importorskip("btc_anomaly.processing.tables")
+    assert metrics.STREAM_TABLES == tables.STREAM_TABLES
+    assert metrics.DETECT_TABLES == tables.DETECT_TABLES
+    assert set(metrics.STREAM_COMPACTED_TABLES) == {tables.TRANSACTIONS, tables.SCORED}
+
+
 def test_each_service_exposes_only_its_families() -> None:
     from btc_anomaly.api.telemetry import render_metrics
     from btc_anomaly.monitoring.exposition import render

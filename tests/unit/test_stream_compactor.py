@@ -7,12 +7,14 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import maintenance, stream
 from btc_anomaly.processing.sinks import Lake
 from btc_anomaly.processing.stream import Compactor
 
+FAILURES = "btc_stream_maintenance_failures_total"
 D1, D2, D3 = dt.date(2021, 7, 23), dt.date(2021, 7, 21), dt.date(2021, 7, 25)
 
 
@@ -104,9 +106,11 @@ def test_vacuum_runs_every_period_over_every_table_and_survives_a_failure(
     c.run_if_due(object())
     assert upkeep == []  # not right at start
     clock[0] += 60.0
+    failures = REGISTRY.get_sample_value(FAILURES, {"table": "broken", "op": "vacuum"}) or 0.0
     c.run_if_due(object())  # due: every table, one failing without stopping the others
     assert upkeep == [("vacuum", "/lake/transactions", 24.0), ("vacuum", "/lake/tx_stats_1m", 24.0)]
     assert "vacuum of /lake/broken failed" in caplog.text
+    assert REGISTRY.get_sample_value(FAILURES, {"table": "broken", "op": "vacuum"}) == failures + 1
     clock[0] += 59.0
     c.run_if_due(object())
     assert len(upkeep) == 2  # not due again yet

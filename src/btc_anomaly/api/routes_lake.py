@@ -7,6 +7,7 @@ and FastAPI can only evaluate such an annotation when it is a real object.
 """
 
 import datetime as dt
+import logging
 import pathlib
 import threading
 from typing import Annotated
@@ -25,6 +26,8 @@ from btc_anomaly.detectors import rules as detector_rules
 from btc_anomaly.detectors.watchlist import load_watchlist
 from btc_anomaly.model.context import fee_market
 
+log = logging.getLogger(__name__)
+
 HASH_PATTERN = r"^[0-9a-fA-F]{64}$"
 # Base58 (legacy, P2SH) and bech32/bech32m addresses: letters and digits only, bounded length.
 ADDRESS_PATTERN = r"^[a-zA-Z0-9]{14,100}$"
@@ -34,6 +37,13 @@ _WINDOW_DOC = (
     " The range read is bounded: without `since` it is the last `api_lake_window_h` hours up to the newest "
     "row; a range wider than `api_lake_max_window_h` hours is a 422."
 )
+
+
+def _unavailable(exc: LakeUnavailable) -> ApiError:
+    """A 503 that says what failed, never where or the reader's own words (paths, log entries): those go
+    to the API log."""
+    log.warning("lake read failed: %s", exc)
+    return ApiError(503, "the Delta lake cannot be read right now (details in the API log)")
 
 
 def _window(
@@ -101,7 +111,7 @@ def router(settings: Settings) -> APIRouter:
                 window, min_score, limit, severity=severity, rule=rule, watchlist=watchlist
             )
         except LakeUnavailable as exc:
-            raise ApiError(503, str(exc)) from None
+            raise _unavailable(exc) from None
         return json_response({"count": len(items), "items": items, "window": window.jsonable()})
 
     @r.get(
@@ -128,9 +138,14 @@ def router(settings: Settings) -> APIRouter:
             window = _window(request, lake.path, since, until, lake.max_window)
             row = lake.transaction(tx_hash.lower(), window)
         except LakeUnavailable as exc:
-            raise ApiError(503, str(exc)) from None
+            raise _unavailable(exc) from None
         if row is None:
-            raise ApiError(404, f"transaction {tx_hash.lower()} has not been scored")
+            w = window.jsonable()
+            raise ApiError(
+                404,
+                f"transaction {tx_hash.lower()} was not scored among the transactions first seen in "
+                f"[{w['since']}, {w['until']}); pass since/until to search another range",
+            )
         return json_response(row)
 
     @r.get(
@@ -155,7 +170,7 @@ def router(settings: Settings) -> APIRouter:
             window = _window(request, lake.transactions_path, since, until)
             report = lake.address(address, window, limit)
         except LakeUnavailable as exc:
-            raise ApiError(503, str(exc)) from None
+            raise _unavailable(exc) from None
         return json_response(report)
 
     @r.get("/rules", summary="The detector rules and the loaded watchlists")

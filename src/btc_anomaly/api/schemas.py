@@ -318,12 +318,18 @@ class AddressReport(BaseModel):
     )
     rule_hits: dict[str, int] = Field(description="Rule id → how many of its transactions it fired on.")
     tables: dict[str, str]
+    window: ReadWindow | None = Field(None, description="The [since, until) of first_seen that was read.")
+
+
+class ReadWindow(BaseModel):
+    since: str = Field(description="Start of the range read (inclusive, ISO 8601 UTC).")
+    until: str = Field(description="End of the range read (exclusive, ISO 8601 UTC).")
 
 
 class AnomalyPage(BaseModel):
     count: int
     items: list[ScoredRow]
-    table: str = Field(description="The Delta table read.")
+    window: ReadWindow = Field(description="The [since, until) of first_seen that was read.")
 
 
 class Health(BaseModel):

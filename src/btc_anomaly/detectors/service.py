@@ -403,6 +403,7 @@ class DetectService:
             try:
                 deleted = vacuum_delta_rs(str(path), self.settings.lake_vacuum_retention_h)
             except Exception:
+                m.DETECT_MAINTENANCE_FAILURES.labels(table=name).inc()
                 log.exception("detect: compaction + vacuum of %s failed; retried in %.0f s", name, every)
                 continue
             if deleted is not None:

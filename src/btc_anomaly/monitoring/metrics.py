@@ -160,6 +160,12 @@ STREAM_QUERY_FAILURES = Counter(
     "Streaming queries that terminated with an exception, by query.",
     ["query"],
 )
+STREAM_MAINTENANCE_FAILURES = Counter(
+    "btc_stream_maintenance_failures",
+    "Compactions (op=compact) and VACUUMs (op=vacuum) of the stream's tables that failed, by table; retried "
+    "at the next due time.",
+    ["table", "op"],
+)
 STREAM_PREDICTIONS = Counter(
     "btc_stream_predictions",
     "Transactions scored by the stream's scoring query, by label (anomaly/normal) and model_kind.",
@@ -392,6 +398,11 @@ DETECT_POLL_DURATION = Histogram(
     "stages included.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
 )
+DETECT_MAINTENANCE_FAILURES = Counter(
+    "btc_detect_maintenance_failures",
+    "Compaction + VACUUM runs of detect's tables that failed, by table; retried at the next due time.",
+    ["table"],
+)
 DETECT_POLL_FAILURES = Counter(
     "btc_detect_poll_failures",
     "Detect poll stages that raised, by stage (windows | bursts | risky); the other stages of the "
@@ -448,6 +459,10 @@ for _kind in DETECT_ALERT_KINDS:
 
 PRODUCER_SOURCES = ("rest", "ws", "replay", "block")  # ingestion/: the producer's sources
 STREAM_QUERIES = ("transactions", "tx_stats", "scoring")  # processing/: the stream's query names
+# processing/tables.py: STREAM_TABLES (all vacuumed; the two date-partitioned ones also compacted), DETECT_TABLES
+STREAM_TABLES = ("transactions", "quarantine", "tx_stats_1m", "tx_stats_5m", "scored_transactions")
+STREAM_COMPACTED_TABLES = ("transactions", "scored_transactions")
+DETECT_TABLES = ("window_anomalies", "coordinated_bursts")
 PREDICTION_LABELS = ("anomaly", "normal")
 MODEL_KINDS = ("full", "structural")
 API_RELOAD_RESULTS = ("success", "failure")
@@ -469,6 +484,12 @@ for _query in STREAM_QUERIES:
     STREAM_INPUT_ROWS.labels(query=_query)
     STREAM_LATE_ROWS.labels(query=_query)
     STREAM_QUERY_FAILURES.labels(query=_query)
+for _table in STREAM_TABLES:
+    STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="vacuum")
+for _table in STREAM_COMPACTED_TABLES:
+    STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="compact")
+for _table in DETECT_TABLES:
+    DETECT_MAINTENANCE_FAILURES.labels(table=_table)
 for _label in PREDICTION_LABELS:
     for _model_kind in MODEL_KINDS:
         API_PREDICTIONS.labels(label=_label, model_kind=_model_kind)

@@ -25,9 +25,11 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from btc_anomaly.config import Settings
+from btc_anomaly.monitoring.metrics import STREAM_MAINTENANCE_FAILURES
 from btc_anomaly.processing.sinks import Lake, compact
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ class Vacuum:
             try:
                 deleted = vacuum(path, self.retention_h)
             except Exception:
+                STREAM_MAINTENANCE_FAILURES.labels(table=Path(str(path)).name, op="vacuum").inc()
                 log.exception("vacuum of %s failed; retried in %.0f s", path, self.every_s)
                 continue
             if deleted is not None:
@@ -139,6 +142,7 @@ class Compactor:
             replaced = compact(spark, self.path, self.since)
         except Exception:
             # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
+            STREAM_MAINTENANCE_FAILURES.labels(table=self.name, op="compact").inc()
             log.exception("compaction of %s from %s failed", self.name, self.since)
             self.batches = 0
             return
