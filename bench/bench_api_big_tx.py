@@ -121,18 +121,12 @@ def main(quick: bool = False) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{port}"
         for name, path, body in cases:
             rows.append({"case": name, "body MB": len(body) / 1e6, **measure(url, path, body, repeats)})
-    print(
-        f"{'case':<24}{'body MB':>9}{'request s':>11}{'/health n':>11}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-    )
-    for row in rows:
-        print(
-            f"{row['case']:<24}{row['body MB']:>9.2f}{row['request s']:>11.2f}{row['/health n']:>11}"
-            f"{row['p50 ms']:>9.1f}{row['p99 ms']:>9.1f}{row['max ms']:>9.1f}"
-        )
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    main(parser.parse_args().quick)
+    from bench.run_all import format_table
+
+    print(format_table(main(parser.parse_args().quick)))
