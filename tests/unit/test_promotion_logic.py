@@ -579,3 +579,58 @@ def test_reference_scores_are_the_bundles_own(small_benchmark: Path) -> None:
     assert np.array_equal(scores, seen["ref_scores"])
     assert flags.mean() == seen["ref_flag_rate"]
     assert len(scores) == len(pd.DataFrame(reference_transactions()))
+
+
+def _register_sample_bundle(settings: Settings, c: Any, root: Path, tags: dict[str, str]) -> str:
+    """A new version whose artifacts are the sample bundle's files (as ``log_bundle`` lays them out)."""
+    from btc_anomaly.model.bundle import bundle_digest
+    from btc_anomaly.model.registry import BUNDLE_PATH, DIGEST_TAG
+
+    source = root / f"v{len(list(root.iterdir())) if root.exists() else 0}"
+    fitted_bundle().save(source / BUNDLE_PATH)
+    mv = c.create_model_version(
+        NAME, source=str(source), tags={DIGEST_TAG: bundle_digest(source / BUNDLE_PATH), **tags}
+    )
+    return str(mv.version)
+
+
+def test_the_gate_records_its_checks_against_the_champion(
+    registry: tuple[Settings, Any], small_benchmark: Path, tmp_path: Path
+) -> None:
+    settings, c = registry
+    settings = settings.model_copy(update={"gate_min_train_rows": 1000, "gate_benchmark_min_roc_auc": 0.5})
+    good = {
+        "train.rows": "5000",
+        "train.contamination": str(settings.iforest_contamination),
+        "train.anomaly_rate_full": str(settings.iforest_contamination),
+        "train.anomaly_rate_structural": str(settings.iforest_contamination),
+    }
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    first = _register_sample_bundle(settings, c, root, good)
+    d1 = promotion.promote(settings, first, decided_by="ci@test")
+    assert d1.promoted and not d1.forced and d1.previous_champion is None
+    assert d1.model_name == NAME and d1.decided_by == "ci@test" and d1.decided_at.endswith("+00:00")
+    assert [ch.name for ch in d1.checks][3] == "champion_agreement" and d1.checks[
+        3
+    ].detail == "no champion yet"
+    assert d1.metrics["reference_flag_rate"] == _observed()["ref_flag_rate"]
+
+    few = _register_sample_bundle(settings, c, root, dict(good, **{"train.rows": "999"}))
+    d2 = promotion.promote(settings, few, decided_by="ci@test")
+    assert not d2.promoted and not d2.forced and d2.previous_champion == first
+    assert d2.reason == "min_train_rows: trained on 999 rows (minimum 1,000)"
+    assert d2.checks[3].value == pytest.approx(1.0)  # compared with the champion: the same forest
+    assert d2.metrics["champion_rank_corr"] == pytest.approx(1.0)
+    assert str(c.get_model_version_by_alias(NAME, "champion").version) == first
+
+    d3 = promotion.promote(settings, few, decided_by="ci@test", force=True)
+    assert d3.promoted and d3.forced
+    assert d3.reason == "forced despite: min_train_rows: trained on 999 rows (minimum 1,000)"
+    assert str(c.get_model_version_by_alias(NAME, "champion").version) == few
+    assert _tags(c, first)["promotion.superseded_by"] == few
+    assert [(e["version"], e["status"], e["forced"]) for e in promotion.promotion_history(settings)] == [
+        (first, "promoted", False),
+        (few, "refused", False),
+        (few, "promoted", True),
+    ]
