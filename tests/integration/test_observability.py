@@ -43,6 +43,7 @@ from btc_anomaly.config import PROJECT_ROOT
 from btc_anomaly.monitoring import prometheus_config as pc
 from btc_anomaly.monitoring import promql
 from btc_anomaly.monitoring.catalogue import service_of
+from btc_anomaly.monitoring.metrics import STREAM_QUERIES
 from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
 from btc_anomaly.runtime.mlflow_server import MlflowServer
 from btc_anomaly.runtime.prometheus_server import PrometheusServer, find_binary
@@ -55,6 +56,8 @@ EXAMPLE_HEX = PROJECT_ROOT / "tests" / "fixtures" / "example_tx_15e10745.hex"
 GRAFANA_DASHBOARDS = PROJECT_ROOT / "grafana" / "dashboards"
 RATE_INTERVAL = "15s"  # Grafana's $__rate_interval for a 1 s scrape interval, with margin
 STALL_AFTER_S = 8  # the test's BtcProducerStalled threshold (300 s in alerts.yml)
+# Stream queries that reported a micro-batch (the gauge is set from Spark's progress events).
+STREAM_BATCHES = 'count by (query) (btc_stream_last_batch_timestamp_seconds{job="stream"} > 0)'
 DATA_DEADLINE_S = 150.0  # after the services are up, for every expression to return data
 # Lines of a service log that mean it crashed inside a native library: a panic fails that service's tests
 # with the excerpt (delta-rs panics with "Forked process detected" when a table opened in gunicorn's
@@ -410,6 +413,14 @@ def stack(
         assert _http(f"{api}/predict", {"hash": "x"})[0] == 422
         base = f"http://127.0.0.1:{ports['dashboard']}"
         _wait("the dashboard", lambda: _http(f"{base}/healthz", timeout=5)[0] == 200, 240, stack.logs)
+        # Spark needs minutes to start its queries on a busy machine: the expression deadline starts once
+        # every stream query reported a micro-batch, not before (its series only appear then).
+        _wait(
+            "a micro-batch of every stream query",
+            lambda: len(prometheus.query(STREAM_BATCHES)) >= len(STREAM_QUERIES),
+            600,
+            stack.logs,
+        )
         try:
             _trigger_dash_callback(base)
         except (ValueError, KeyError, StopIteration) as exc:
