@@ -342,19 +342,23 @@ class ScoredTable:
                 filters=filters,
                 table=delta,
             )
-        except OSError as exc:
-            raise LakeUnavailable(f"cannot read {path.name}: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__module__.startswith(("deltalake", "pyarrow")):
-                raise LakeUnavailable(f"cannot read {path.name}: {str(exc)[:300]}") from exc
-            raise
+        except _lake_errors() as exc:
+            raise LakeUnavailable(f"cannot read {path.name}: {str(exc)[:300]}") from exc
 
     def _delta(self, path: Path) -> Any:
         return self._delta_and_newest(path)[0]
 
     def _delta_and_newest(self, path: Path) -> tuple[Any, dt.datetime | None]:
         """The open table at ``path`` (its log replayed at most every ``_REFRESH_S``) and its newest
-        first_seen (recomputed only when the version changes)."""
+        first_seen (recomputed only when the version changes). A log that cannot be read (torn commit,
+        I/O) is ``LakeUnavailable``; an open table keeps its last complete version (delta-rs replays
+        only complete commits)."""
+        try:
+            return self._open_and_newest(path)
+        except _lake_errors() as exc:
+            raise LakeUnavailable(f"cannot open {path.name}: {str(exc)[:300]}") from exc
+
+    def _open_and_newest(self, path: Path) -> tuple[Any, dt.datetime | None]:
         from deltalake import DeltaTable
 
         with self._lock:
@@ -373,6 +377,15 @@ class ScoredTable:
             latest = newest(table, "first_seen")
             self._tables[path] = (table, now, table.version(), latest)
             return table, latest
+
+
+def _lake_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or unreachable table raises: I/O, delta-rs (its exceptions live in the native
+    ``_internal`` module, so they are named here, not matched by module) and pyarrow."""
+    import pyarrow as pa
+    from deltalake.exceptions import DeltaError, DeltaProtocolError, TableNotFoundError
+
+    return (OSError, DeltaError, DeltaProtocolError, TableNotFoundError, pa.ArrowException)
 
 
 def _is_table(path: Path) -> bool:
