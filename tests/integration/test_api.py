@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -130,14 +129,13 @@ def test_limits_are_413(http: httpx.Client, api_server: ApiServer) -> None:
     r = http.post("/predict", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413
 
-    # Declared too big: refused before the body is sent.
-    started = time.monotonic()
+    # Declared too big: refused before the body is sent (the request carries no body at all).
     reply = _raw_request(
         api_server.port,
         b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100000000\r\n\r\n",
     )
-    assert reply.startswith(b"HTTP/1.1 413") and time.monotonic() - started < 5
+    assert reply.startswith(b"HTTP/1.1 413")
 
     # Declared small, sent big: the app sees only what was declared; the rest is not a request.
     body = orjson.dumps(RECORDS[:2000])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -57,11 +55,10 @@ def test_canonical_bounds_and_sizes() -> None:
 def test_parser_counts_before_validating() -> None:
     parser = BodyParser(max_items=100)
     body = orjson.dumps([{"not": "a transaction"}] * 200_000)
-    started = time.perf_counter()
     with pytest.raises(ApiError) as info:
         parser.transactions(body)
+    # One 413 with the count, not 200k item errors: the items are counted, never validated.
     assert info.value.status_code == 413 and "200,000" in info.value.detail
-    assert time.perf_counter() - started < 2.0  # stops at the limit instead of validating 200k items
 
 
 def test_parser_errors_point_at_the_field() -> None:

@@ -162,15 +162,31 @@ def test_mlflow_down_is_reported_not_raised(tmp_path: Path, lake: DemoLake, fail
     snap = state.models.poll_now()
     assert snap.champion is None and snap.error and "unreachable" in snap.error
     filters, _ = filters_from_inputs("all", None, None, None, None, None)
-    started = time.perf_counter()
     view = render_overview(state, filters, now_utc(), model_threshold=None)
-    assert time.perf_counter() - started < 2.0
     assert "unreachable" in json.dumps(view.kpis, default=str)
     state.models.stop()
 
 
+@pytest.mark.timeout(120)
 def test_a_hanging_mlflow_never_blocks_a_page(tmp_path: Path, fail_fast_mlflow: None) -> None:
-    """A server that accepts connections and never answers: get() returns at once and says so."""
+    """A server that accepts connections and never answers: get() returns and says so. With an hour-long
+    MLflow timeout, a get() that waited for the server would hang the test into its timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        patient = ModelInfo(
+            Settings(
+                state_dir=tmp_path,
+                mlflow_tracking_uri=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                dashboard_mlflow_timeout_s=3600,
+            )
+        )
+        patient.refresh_soon()
+        for _ in range(20):
+            assert patient.get().champion is None  # answered while the refresh still waits
+            time.sleep(0.05)
+        patient.stop()
+
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -183,9 +199,7 @@ def test_a_hanging_mlflow_never_blocks_a_page(tmp_path: Path, fail_fast_mlflow: 
         info.refresh_soon()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            started = time.perf_counter()
             snap = info.get()
-            assert time.perf_counter() - started < 0.05
             if snap.error and "not answering" in snap.error:
                 break
             time.sleep(0.2)
