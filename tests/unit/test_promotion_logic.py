@@ -516,6 +516,13 @@ def test_pending_promotion_is_read_back_only_while_the_champion_is_unchanged(
         metrics={"canary_flagged_share": 0.6},
     )
     assert promotion._pending_promotion(c, settings, "3", "2") is None  # the champion moved since
+    # An event without a date sorts first; a check without its fields reads as unnamed and empty.
+    c.set_model_version_tag(NAME, "3", "promotion.event.a", json.dumps({"status": "refused"}))
+    lean = json.loads(_tags(c, "3")["promotion.event.20260103T000000.000Z"])
+    lean["checks"] = [{"passed": True}]
+    c.set_model_version_tag(NAME, "3", "promotion.event.20260103T000000.000Z", json.dumps(lean))
+    read = promotion._pending_promotion(c, settings, "3", "1")
+    assert read is not None and read.checks == [Check("?", True, None, "", "")]
     # A later refusal of the same version wins over the earlier promotion.
     c.set_model_version_tag(
         NAME, "3", "promotion.event.z", json.dumps({"decided_at": "2027", "status": "refused"})
@@ -524,7 +531,7 @@ def test_pending_promotion_is_read_back_only_while_the_champion_is_unchanged(
     # An unreadable event is not a pending promotion.
     c.set_model_version_tag(NAME, "3", "promotion.event.z", "{not json")
     assert promotion._pending_promotion(c, settings, "3", "1") is None
-    assert [e["status"] for e in promotion.promotion_history(settings)] == ["refused", "promoted"]
+    assert [e["status"] for e in promotion.promotion_history(settings)] == ["refused", "refused", "promoted"]
 
 
 def test_promote_finishes_a_pending_promotion_and_an_existing_champion(

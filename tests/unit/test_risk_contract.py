@@ -165,10 +165,10 @@ def test_signal_names_per_row() -> None:
 
 def test_details_give_each_signal_its_points_and_reason() -> None:
     parts = _parts(
-        [0.35, 0.0, 0.0],
-        [0.2, 0.4, 0.0],
+        [0.123456, 0.0, 0.0],
+        [0.234567, 0.4, 0.0],
         [["round_large_transfer"], [], []],
-        [[], [], _hit(OFAC, "input") + _hit(RANSOM, "output") + _hit(OFAC, "input")],
+        [[], [], _hit(OFAC, "input") + _hit(OFAC, "input") + _hit(RANSOM, "output")],
     )
     rows = risk.details(
         parts,
@@ -179,10 +179,10 @@ def test_details_give_each_signal_its_points_and_reason() -> None:
     )
     rule = next(r for r in RULES if r.id == "round_large_transfer")
     assert rows[0] == [
-        {"signal": "forest", "points": 35.0, "detail": "anomaly score 0.990 (threshold 0.990)"},
+        {"signal": "forest", "points": 12.35, "detail": "anomaly score 0.990 (threshold 0.990)"},
         {
             "signal": "mahalanobis",
-            "points": 20.0,
+            "points": 23.46,
             "detail": "distance 30.5 from the training mean (training p99 10.0, p99.9 20.1)",
         },
         {"signal": "rule:round_large_transfer", "points": 15.0, "detail": rule.description},
