@@ -82,6 +82,8 @@ def kafka() -> None:
         heap=s.kafka_heap,
         num_partitions=s.topic_partitions,
         console_level="INFO",
+        retention_hours=s.kafka_retention_hours,
+        retention_bytes=s.kafka_retention_bytes,
     )
 
     _run_in_foreground(broker, 120, f"kafka broker ready on {broker.bootstrap} (logs in {broker.log_dir})")
@@ -320,7 +322,13 @@ def promote(
         for event in promotion_history(s):
             typer.echo(json.dumps(event))
         return
-    decision = run_gate(s, version, decided_by=by, force=force)
+    from btc_anomaly.model.registry import BundleRefused
+
+    try:
+        decision = run_gate(s, version, decided_by=by, force=force)
+    except BundleRefused as exc:  # a version whose files do not match their training digest
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
     for check in decision.checks:
         typer.echo(f"{'PASS' if check.passed else 'FAIL'}  {check.name:<20} {check.detail}")
     typer.echo(decision.summary)
@@ -364,9 +372,13 @@ def evaluate(
         typer.echo(result.table())
         typer.echo(f"{len(result.rows)} rows, seed {seed}, {time.perf_counter() - t0:.1f} s")
         return
-    from btc_anomaly.model.registry import load_alias, load_version
+    from btc_anomaly.model.registry import BundleRefused, load_alias, load_version
 
-    loaded = load_version(s, version) if version is not None else load_alias(s, alias)
+    try:
+        loaded = load_version(s, version) if version is not None else load_alias(s, alias)
+    except BundleRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from None
     if loaded is None:
         typer.echo(f"{s.model_name} has no '{alias}' version at {s.mlflow_tracking_uri}", err=True)
         raise typer.Exit(1)

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     kafka_port: int = Field(9092, description="Client listener port of the local broker.")
     kafka_controller_port: int = Field(9093, description="KRaft controller port of the local broker.")
     kafka_heap: str = Field("512m", description="JVM heap (-Xmx) of the local broker.")
+    kafka_retention_hours: int = Field(168, description="log.retention.hours of the local broker's topics.")
+    kafka_retention_bytes: int = Field(
+        1_073_741_824,
+        description="log.retention.bytes of the local broker (per partition): records go by time or by size, "
+        "whichever comes first, so a flood or a stalled consumer cannot fill the disk.",
+    )
     topic: str = Field("btc.transactions", description="Topic of canonical transactions (key = tx hash).")
     dlq_topic: str = Field(
         "btc.transactions.dlq", description="Dead-letter topic for records that cannot be parsed."
@@ -109,7 +115,7 @@ class Settings(BaseSettings):
     producer_source_queue_max: int = Field(
         10_000,
         description="Most items waiting between a live source (WebSocket, REST) and the Kafka sender. When it is "
-        "full, REST polls wait; WebSocket pushes are dropped and counted (errors_total{kind=\"source_dropped\"}).",
+        'full, REST polls wait; WebSocket pushes are dropped and counted (errors_total{kind="source_dropped"}).',
     )
     first_seen_max_skew_s: float = Field(
         7_200.0,

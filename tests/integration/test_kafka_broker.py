@@ -38,3 +38,18 @@ def test_produce_and_consume_round_trip(kafka_broker: KafkaBroker, topic_names: 
 def test_broker_logs_through_log4j(kafka_broker: KafkaBroker) -> None:
     log = (kafka_broker.log_dir / "server.log").read_text()
     assert "Kafka Server started" in log or "started (kafka.server" in log
+
+
+def test_records_are_kept_by_time_and_by_size(kafka_broker: KafkaBroker) -> None:
+    """The broker's own answer, not its properties file: both retention limits are in force."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        answer = admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, "1")], config_filter="all")
+    finally:
+        admin.close()
+    [configs] = [by_name for by_type in answer.values() for by_name in by_type.values()]
+    values = {key: (data.get("value") if isinstance(data, dict) else data) for key, data in configs.items()}
+    assert values["log.retention.bytes"] == str(1024**3), values.get("log.retention.bytes")
+    assert values["log.retention.hours"] == "168"

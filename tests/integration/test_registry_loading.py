@@ -4,6 +4,9 @@ match the digest recorded at training (real MLflow server)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,3 +159,16 @@ def test_tampered_or_unverifiable_version_is_refused_and_served_one_stays(
         assert holder.status() == "ok"
         assert _failures() == before + 1
         assert cached_champion(settings).version == good
+
+    # The commands that load a version by hand say why and exit 1 (no traceback).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BTC_ANOMALY_")}
+    env |= {
+        "BTC_ANOMALY_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        "BTC_ANOMALY_MODEL_NAME": settings.model_name,
+    }
+    cli = [sys.executable, "-m", "btc_anomaly.cli"]
+    for command in (["evaluate", "--version", str(tampered)], ["promote", str(tampered)]):
+        done = subprocess.run(cli + command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        assert "refused:" in done.stderr and "digest mismatch" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

@@ -67,6 +67,8 @@ class KafkaBroker(ManagedProcess):
     heap: str = "512m"
     num_partitions: int = 3
     console_level: str = "WARN"
+    retention_hours: int = 168
+    retention_bytes: int = 1_073_741_824  # per partition
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     name = "kafka broker"
@@ -115,7 +117,8 @@ class KafkaBroker(ManagedProcess):
             "group.initial.rebalance.delay.ms": "0",
             # The producer creates its topics explicitly; a typo'd topic name should not appear silently.
             "auto.create.topics.enable": "false",
-            "log.retention.hours": "168",
+            "log.retention.hours": str(self.retention_hours),
+            "log.retention.bytes": str(self.retention_bytes),
         }
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
