@@ -1,5 +1,5 @@
-"""When the transactions query compacts (stream.Compactor); the compaction itself runs against real Delta
-in tests/integration/test_stream.py."""
+"""When the stream compacts and VACUUMs its tables (maintenance.Compactor, Vacuum); the compaction itself
+runs against real Delta in tests/integration/test_stream.py and test_lake_bounds.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from btc_anomaly.config import Settings
-from btc_anomaly.processing import maintenance, stream
+from btc_anomaly.processing import maintenance
+from btc_anomaly.processing.maintenance import Compactor
 from btc_anomaly.processing.sinks import Lake
-from btc_anomaly.processing.stream import Compactor
 
 FAILURES = "btc_stream_maintenance_failures_total"
 D1, D2, D3 = dt.date(2021, 7, 23), dt.date(2021, 7, 21), dt.date(2021, 7, 25)
@@ -26,7 +26,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dt.date | None]]:
         seen.append((path, since))
         return 3
 
-    monkeypatch.setattr(stream, "compact", fake_compact)
+    monkeypatch.setattr(maintenance, "compact", fake_compact)
     return seen
 
 
@@ -56,7 +56,7 @@ def test_a_failed_compaction_does_not_stop_the_stream_and_is_retried(
     def failing(*_args: object) -> int:
         raise RuntimeError("concurrent modification")
 
-    monkeypatch.setattr(stream, "compact", failing)
+    monkeypatch.setattr(maintenance, "compact", failing)
     c = Compactor("/lake/transactions", every=1)
     c.wrote(D1)
     c.run_if_due(object())  # logs, does not raise

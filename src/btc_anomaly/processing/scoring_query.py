@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -160,11 +161,16 @@ def ensure_partitioned(spark: SparkSession, path: str) -> bool:
 
 
 def start_scoring_query(
-    spark: SparkSession, settings: Settings, lake: Lake, *, available_now: bool = False
+    spark: SparkSession,
+    settings: Settings,
+    lake: Lake,
+    *,
+    available_now: bool = False,
+    stopping: threading.Event | None = None,
 ) -> StreamingQuery:
-    from btc_anomaly.processing.maintenance import Compactor, Vacuum
+    from btc_anomaly.processing.maintenance import Compactor
     from btc_anomaly.processing.sinks import inserted_transactions, streaming_query_id
-    from btc_anomaly.processing.stream import trigger_options
+    from btc_anomaly.processing.stream import interruptible, trigger_options
 
     scorer = map_in_pandas_scorer(
         settings.mlflow_tracking_uri,
@@ -185,8 +191,7 @@ def start_scoring_query(
     )
     path = lake.table(SCORED)
     ensure_partitioned(spark, path)
-    # This query's handler also VACUUMs every table of the stream (all written by this process).
-    compactor = Compactor(path, settings.stream_compact_every, Vacuum.for_stream(settings, lake))
+    compactor = Compactor(path, settings.stream_compact_every)  # the transactions query VACUUMs
 
     def handle(batch: DataFrame, batch_id: int) -> None:
         written = write_scored(
@@ -203,6 +208,6 @@ def start_scoring_query(
         scored.writeStream.queryName(SCORING_QUERY)
         .option("checkpointLocation", lake.checkpoint(SCORING_QUERY))
         .trigger(**trigger_options(settings.stream_score_trigger_s, available_now))
-        .foreachBatch(handle)
+        .foreachBatch(interruptible(handle, stopping or threading.Event()))
         .start()
     )

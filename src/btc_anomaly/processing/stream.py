@@ -18,7 +18,6 @@ keeps going through broker restarts; a supervisor only has to restart it when th
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import threading
@@ -31,13 +30,13 @@ from typing import TYPE_CHECKING
 from btc_anomaly.config import Settings
 from btc_anomaly.monitoring.metrics import STREAM_QUARANTINED
 from btc_anomaly.processing.aggregates import GRANULARITIES_S, upsert_stats, windowed
+from btc_anomaly.processing.maintenance import Compactor, Vacuum
 from btc_anomaly.processing.parse import parse
 from btc_anomaly.processing.scoring_query import SCORING_QUERY, champion_exists, start_scoring_query
 from btc_anomaly.processing.sinks import (
     TRANSACTIONS,
     BatchResult,
     Lake,
-    compact,
     ensure_tables,
     inserted_transactions,
     streaming_query_id,
@@ -121,7 +120,11 @@ def start_transactions_query(
     on_batch: BatchHook | None = None,
     stopping: threading.Event | None = None,
 ) -> StreamingQuery:
-    compactor = Compactor(lake.table(TRANSACTIONS), settings.stream_compact_every)
+    # This query's handler also VACUUMs every table of the stream: it runs from the first record on,
+    # with or without a champion (the scoring query waits for one).
+    compactor = Compactor(
+        lake.table(TRANSACTIONS), settings.stream_compact_every, Vacuum.for_stream(settings, lake)
+    )
     # One index per query run: it is loaded from the table by the run's first batch (stored_hashes.py).
     stored = StoredHashes()
 
@@ -151,54 +154,13 @@ def start_transactions_query(
         compactor.run_if_due(batch.sparkSession)
 
     return (
-        parse(kafka_source(spark, settings))
+        parse(kafka_source(spark, settings), max_skew_s=settings.first_seen_max_skew_s)
         .writeStream.queryName(TX_QUERY)
         .option("checkpointLocation", lake.checkpoint(TX_QUERY))
         .trigger(**trigger_options(settings.stream_trigger_s, available_now))
         .foreachBatch(interruptible(handle, stopping or threading.Event()))
         .start()
     )
-
-
-@dataclass
-class Compactor:
-    """Compacts the date partitions the transactions query wrote, every ``every`` batches that wrote.
-
-    A small batch writes one file, and every reader, index load and MERGE opens the files of the
-    partitions it reads, so they must not pile up. Compacting in the query's own batch handler,
-    between two batches, never competes with the query's commits, and the batch that trips it is not
-    slowed by a rewrite inside its own commit (Delta's auto compaction, see
-    sinks.TRANSACTIONS_PROPERTIES)."""
-
-    path: str
-    every: int
-    since: dt.date | None = None  # oldest partition written since the last compaction
-    batches: int = 0  # batches that wrote since the last compaction
-
-    def wrote(self, oldest: dt.date | None) -> None:
-        if oldest is not None:
-            self.since = oldest if self.since is None else min(self.since, oldest)
-            self.batches += 1
-
-    def run_if_due(self, spark: SparkSession) -> None:
-        if self.every <= 0 or self.since is None or self.batches < self.every:
-            return
-        started = time.perf_counter()
-        try:
-            replaced = compact(spark, self.path, self.since)
-        except Exception:
-            # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
-            log.exception("compaction of transactions from %s failed", self.since)
-            self.batches = 0
-            return
-        log.info(
-            "compacted transactions from %s: %d files replaced in %.2f s",
-            self.since,
-            replaced,
-            time.perf_counter() - started,
-        )
-        self.since = None
-        self.batches = 0
 
 
 def start_stats_query(
@@ -399,7 +361,11 @@ class StreamRunner:
         if scoring is None:
             scoring = self.settings.stream_scoring and champion_exists(self.settings)
         if scoring and not self.stop_event.is_set():
-            self._await(start_scoring_query(self.spark, self.settings, self.lake, available_now=True))
+            self._await(
+                start_scoring_query(
+                    self.spark, self.settings, self.lake, available_now=True, stopping=self.stopping
+                )
+            )
 
     def _await(self, query: StreamingQuery) -> None:
         """Wait for an availableNow query to drain, or for ``stop_event`` (then stop it like run_forever);
@@ -425,7 +391,9 @@ class StreamRunner:
             STATS_QUERY: lambda: start_stats_query(
                 self.spark, self.settings, self.lake, stopping=self.stopping
             ),
-            SCORING_QUERY: lambda: start_scoring_query(self.spark, self.settings, self.lake),
+            SCORING_QUERY: lambda: start_scoring_query(
+                self.spark, self.settings, self.lake, stopping=self.stopping
+            ),
         }
         queries = {name: starters[name]() for name in (TX_QUERY, STATS_QUERY)}
         failures = dict.fromkeys(starters, 0)
