@@ -19,12 +19,11 @@ from deltalake import write_deltalake
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from btc_anomaly.api.app import create_app
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors.service import DetectService
 from btc_anomaly.model.scoring import score_frame, scored_arrow_schema
 from btc_anomaly.processing import tables
-from helpers.api_server import sample_records, served_sample_model
+from helpers.api_server import in_process_api, sample_records, served_sample_model
 from helpers.detectors import RecordingNotifier, burst_members, restamp, write_transactions
 from helpers.detectors import settings as detect_settings
 
@@ -62,18 +61,8 @@ def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestC
             pa.Table.from_pandas(part, schema=scored_arrow_schema(), preserve_index=False),
             mode="append",
         )
-    settings = Settings(
-        state_dir=tmp_path / "state",
-        lake_root=lake,
-        mlflow_tracking_uri="http://127.0.0.1:9",
-        model_name="unit-model",
-        api_resolve_prevouts=False,
-        api_lake_window_h=131_400,  # the sample spans 2011-2025
-        api_lake_max_window_h=131_400,
-    )
-    app = create_app(settings, watch_model=False)
-    app.state.ctx.holder.install(served)
-    with TestClient(app, base_url="http://localhost") as client:
+    window = {"api_lake_window_h": 131_400, "api_lake_max_window_h": 131_400}  # the sample spans 2011-2025
+    with in_process_api(lake, tmp_path / "state", **window) as client:
         yield client, table
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from kafka.admin import KafkaAdminClient
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
 from btc_anomaly.processing.stream import StreamFailed, StreamRunner
-from helpers.stream import create_topic, looped_records, publish, wait_for
+from helpers.stream import create_topic, looped_records, publish, run_forever_in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +39,7 @@ def _stored(settings: Settings) -> list[str]:
 
 def _fails_and_stops(runner: StreamRunner) -> StreamFailed:
     """run_forever until the data loss stops it: it must raise, not restart the query in a loop."""
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            runner.run_forever()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = run_forever_in_thread(runner)
     try:
         wait_for(lambda: not thread.is_alive(), 180, what="the stream to stop on data loss")
     finally:

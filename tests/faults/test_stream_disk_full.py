@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
 from btc_anomaly.processing.stream import StreamRunner
-from helpers.stream import create_topic, looped_records, publish, wait_for
+from helpers.stream import create_topic, looped_records, publish, run_forever_in_thread, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,16 +69,7 @@ def test_disk_full_then_space_back_resumes_exactly_once(
     listener = install_listener(spark, 0)
     failures_before = _failures()
     runner = StreamRunner(s, spark)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            runner.run_forever()
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, errors = run_forever_in_thread(runner)
     try:
         wait_for(
             lambda: (

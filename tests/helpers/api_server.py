@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,3 +208,25 @@ def served_sample_model(name: str = "unit-model", version: str = "1") -> Any:
         bundle=sample_bundle(), name=name, version=version, run_id=None, loaded_at=time.time()
     )
     return Served(model=model, tags={"promotion.status": "promoted", "promotion.reason": "unit test"})
+
+
+@contextlib.contextmanager
+def in_process_api(lake_root: Path, state_dir: Path, **overrides: Any) -> Iterator[Any]:
+    """A TestClient of the app over ``lake_root`` serving the sample bundle, the registry down (nothing
+    listens on port 9) and prevout lookups off; ``overrides`` are Settings fields."""
+    from fastapi.testclient import TestClient
+
+    from btc_anomaly.api.app import create_app
+    from btc_anomaly.config import Settings
+
+    values: dict[str, Any] = {
+        "state_dir": state_dir,
+        "lake_root": lake_root,
+        "mlflow_tracking_uri": "http://127.0.0.1:9",
+        "model_name": "unit-model",
+        "api_resolve_prevouts": False,
+    }
+    app = create_app(Settings(**(values | overrides)), watch_model=False)
+    app.state.ctx.holder.install(served_sample_model())
+    with TestClient(app, base_url="http://localhost") as client:
+        yield client

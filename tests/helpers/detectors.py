@@ -101,7 +101,8 @@ def burst_members() -> list[dict]:
 
 
 def write_transactions(lake: Path, records: list[dict]) -> None:
-    """Append ``records`` to ``<lake>/transactions`` with the stream's schema (deltalake, not Spark)."""
+    """Append ``records`` to ``<lake>/transactions`` with the stream's schema and date partitions
+    (deltalake, not Spark)."""
     from deltalake import write_deltalake
 
     from btc_anomaly.processing import tables
@@ -116,6 +117,7 @@ def write_transactions(lake: Path, records: list[dict]) -> None:
         str(lake / tables.TRANSACTIONS),
         pa.Table.from_pylist(rows, schema=tables.transactions_schema()),
         mode="append",
+        partition_by=[tables.DATE_COLUMN],
     )
 
 

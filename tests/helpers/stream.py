@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -241,3 +242,18 @@ def wait_for(
             return
         time.sleep(interval_s)
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
+
+
+def run_forever_in_thread(runner: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """``runner.run_forever()`` in a daemon thread; the list receives what it raised, if it ends."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runner.run_forever()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, name="stream-runner", daemon=True)
+    thread.start()
+    return thread, raised

@@ -23,7 +23,6 @@ from deltalake import DeltaTable, write_deltalake
 from fastapi.testclient import TestClient
 
 from btc_anomaly.api import lake as api_lake
-from btc_anomaly.api.app import create_app
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors.risk import SEVERITIES
 from btc_anomaly.model.scoring import score_frame, scored_arrow_schema
@@ -31,8 +30,8 @@ from btc_anomaly.processing import delta_reader, tables
 from btc_anomaly.processing.maintenance import vacuum
 from btc_anomaly.processing.scoring_query import ensure_partitioned
 from btc_anomaly.processing.sinks import compact
-from helpers.api_server import sample_records, served_sample_model
-from helpers.detectors import LABELS
+from helpers.api_server import in_process_api, sample_records, served_sample_model
+from helpers.detectors import LABELS, write_transactions
 
 pytestmark = pytest.mark.integration
 
@@ -89,15 +88,7 @@ def lake(scored: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path
             mode="append",
             partition_by=[tables.DATE_COLUMN],
         )
-    rows = []
-    for r in RECORDS:
-        ts = pd.Timestamp(r["first_seen"]).to_pydatetime()
-        rows.append({**r, "first_seen": ts, "date": ts.date(), "ingested_at": ts})
-    write_deltalake(
-        str(root / tables.TRANSACTIONS),
-        pa.Table.from_pylist(rows, schema=tables.transactions_schema()),
-        partition_by=[tables.DATE_COLUMN],
-    )
+    write_transactions(root, RECORDS)
     return root
 
 
@@ -117,20 +108,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def client(lake: Path, tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(
-        state_dir=tmp_path / "state",
-        lake_root=lake,
-        mlflow_tracking_uri="http://127.0.0.1:9",
-        model_name="unit-model",
-        watchlist_dir=LABELS,
-        api_resolve_prevouts=False,
-        api_lake_window_h=WINDOW_H,
-        api_lake_max_window_h=MAX_WINDOW_H,
-        allowed_hosts="*",
-    )
-    app = create_app(settings, watch_model=False)
-    app.state.ctx.holder.install(served_sample_model())
-    with TestClient(app) as c:
+    window = {"api_lake_window_h": WINDOW_H, "api_lake_max_window_h": MAX_WINDOW_H}
+    with in_process_api(lake, tmp_path / "state", watchlist_dir=LABELS, allowed_hosts="*", **window) as c:
         yield c
 
 

@@ -18,9 +18,8 @@ from btc_anomaly.api.schemas import AddressReport, AnomalyPage, Prediction, RawI
 from btc_anomaly.config import Settings
 from btc_anomaly.detectors.rules import RULE_IDS
 from btc_anomaly.model.scoring import score_frame, scored_arrow_schema
-from btc_anomaly.processing import tables
-from helpers.api_server import sample_records, served_sample_model, summary_body
-from helpers.detectors import FIXTURES, LABELS
+from helpers.api_server import in_process_api, sample_records, served_sample_model, summary_body
+from helpers.detectors import FIXTURES, LABELS, write_transactions
 
 RECORDS = sample_records()
 OFAC_SPENDER = (
@@ -40,34 +39,15 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(root / "scored_transactions"),
         pa.Table.from_pandas(scored, schema=scored_arrow_schema(), preserve_index=False),
     )
-    rows = []
-    for r in RECORDS:
-        ts = pd.Timestamp(r["first_seen"]).to_pydatetime()
-        rows.append({**r, "first_seen": ts, "date": ts.date(), "ingested_at": ts})
-    write_deltalake(
-        str(root / tables.TRANSACTIONS),
-        pa.Table.from_pylist(rows, schema=tables.transactions_schema()),
-        partition_by=["date"],
-    )
+    write_transactions(root, RECORDS)
     return root
 
 
 @pytest.fixture
 def client(tmp_path: Path, lake: Path) -> Iterator[TestClient]:
-    settings = Settings(
-        state_dir=tmp_path / "state",
-        lake_root=lake,
-        mlflow_tracking_uri="http://127.0.0.1:9",
-        model_name="unit-model",
-        watchlist_dir=LABELS,
-        api_resolve_prevouts=False,
-        # The sample spans 2011-2025: the lake reads cover it whole (their bounds have tests of their own).
-        api_lake_window_h=131_400,
-        api_lake_max_window_h=131_400,
-    )
-    app = create_app(settings, watch_model=False)
-    app.state.ctx.holder.install(served_sample_model())
-    with TestClient(app, base_url="http://localhost") as c:
+    # The sample spans 2011-2025: the lake reads cover it whole (their bounds have tests of their own).
+    window = {"api_lake_window_h": 131_400, "api_lake_max_window_h": 131_400}
+    with in_process_api(lake, tmp_path / "state", watchlist_dir=LABELS, **window) as c:
         yield c
 
 
