@@ -15,7 +15,7 @@ EXTRAS := producer spark model api dashboard stream api-postgres
 APT_PACKAGES := openjdk-17-jre-headless maven prometheus prometheus-alertmanager chromium chromium-driver wrk
 
 .PHONY: help setup venv jars system-deps test unit integration lint format bench requirements readme screenshots clean \
-	demo smoke-compose mutation
+	demo smoke-compose mutation audit
 
 # `make demo`: replay speed of the bundled sample (N x real time; a block every 600/N s), or SOURCE=ws for
 # the live Blockchain.com feed. State (Kafka, lake, MLflow, Prometheus) goes to DEMO_STATE (git-ignored).
@@ -84,6 +84,9 @@ format: venv  ## apply ruff formatting and safe fixes
 
 bench: setup  ## every benchmark (long): bench/results.json, then the README's and RESULTS.md's tables from it
 	$(BIN)/python -m bench.run_all; status=$$?; $(BIN)/python scripts/update_readme.py; exit $$status
+
+audit: venv  ## check the pinned requirements against the advisories PyPI publishes (needs PyPI)
+	$(BIN)/python scripts/audit_requirements.py
 
 requirements:  ## re-pin requirements/*.txt from the pyproject extras (needs PyPI)
 	$(BIN)/pip install -q pip-tools
