@@ -203,33 +203,3 @@ def test_broker_restart_under_running_stream(own_broker: KafkaBroker, tmp_path: 
         except subprocess.TimeoutExpired:
             kill_stream(proc)
     _assert_exactly_once(s, expected)
-
-
-# SIGINT to the whole group (a terminal's Ctrl-C) still ends with Java InterruptedException traces and
-# exit 130: the JVM's own threads see the interrupt before the driver stops the queries (open in #19).
-@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
-def test_a_signal_stops_the_stream_cleanly(fault_settings: Settings, tmp_path: Path, sig: int) -> None:
-    """honcho (`make demo`) stops a process with SIGTERM to its whole process group, a terminal's Ctrl-C
-    sends SIGINT to it: the JVM and Spark's Python workers get the signal too. The stream must stop its
-    queries itself, exit 0, and print no Java or Python stack trace; a second signal changes nothing."""
-    s = fault_settings
-    create_topic(s.kafka_bootstrap, s.topic)
-    _publish(s.kafka_bootstrap, s.topic, list(looped_records(10_000)))
-    log = tmp_path / "stream.log"
-    proc = start_stream(s, log, stream_max_offsets_per_trigger=1_000, stream_scoring=False)
-    try:
-        # Signalled while it still works through the topic: a micro-batch is likely running.
-        wait_for(lambda: _version(s) > 0 or proc.poll() is not None, 600, what="a commit")
-        assert proc.poll() is None, f"stream exited with {proc.returncode}:\n{log.read_text()}"
-        os.killpg(proc.pid, sig)
-        time.sleep(0.5)
-        os.killpg(proc.pid, sig)  # impatient operator: must not cut the shutdown short
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_stream(proc)
-    text = log.read_text()
-    traces = [line for line in text.splitlines() if "Traceback" in line or "Exception" in line]
-    assert code == 0, f"exit code {code}:\n{text[-5000:]}"
-    assert not traces, "stack traces in the stream's output:\n" + "\n".join(traces[:20])
-    assert "stopping the queries" in text
