@@ -30,9 +30,11 @@ DEMO_PRODUCE_ARGS := --source ws
 else
 DEMO_PRODUCE_ARGS := --source replay --loop --speed $(SPEED)
 endif
-# honcho SIGKILLs whatever has not stopped 5 s after Ctrl-C; the broker and MLflow need longer to shut
-# down their own children (JVM, workers), so the demo raises that grace period.
-HONCHO := $(BIN)/python -c 'import sys, honcho.command, honcho.manager; honcho.manager.KILL_WAIT = 30; sys.exit(honcho.command.main())'
+# On Ctrl-C honcho SIGTERMs every process at once and SIGKILLs what is left KILL_WAIT s later (5 by
+# default). Each process stops by itself, in order: Kafka and MLflow wait for their clients first
+# (at most 45 s, runtime/process.ManagedProcess.drain), the stream lets its running micro-batch finish
+# (at most 30 s, processing/stream.STOP_TIMEOUT_S). KILL_WAIT is only the backstop above those bounds.
+HONCHO := $(BIN)/python -c 'import sys, honcho.command, honcho.manager; honcho.manager.KILL_WAIT = 90; sys.exit(honcho.command.main())'
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'

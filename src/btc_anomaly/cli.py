@@ -47,22 +47,36 @@ def config(
 
 def _run_in_foreground(proc: ManagedProcess, timeout_s: float, ready: str) -> None:
     """`btc-anomaly kafka|mlflow|prometheus`: start ``proc``, log ``ready`` once it answers, block until
-    SIGTERM/SIGINT (exit 0) or until the process dies (exit with its log's path); always stop it."""
+    SIGTERM/SIGINT (exit 0) or until the process dies (exit with its log's path); always stop it, after
+    its clients have disconnected (``ManagedProcess.drain``; a second signal stops it at once)."""
     import time
 
-    def _exit(signum: int, _frame: object) -> None:
-        # Only unwind here; stopping inside the handler would re-enter Popen.wait() of the main thread.
-        raise SystemExit(0)
+    signals: list[int] = []
+    starting = [True]
 
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGINT, _exit)
+    def _note(signum: int, _frame: object) -> None:
+        # Noted, and the main loop stops the server (stopping here would re-enter Popen.wait() of the
+        # main thread); a server that is still starting has no clients to wait for: unwind at once.
+        signals.append(signum)
+        if starting[0]:
+            starting[0] = False
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _note)
+    signal.signal(signal.SIGINT, _note)
+    log = logging.getLogger(f"btc_anomaly.{proc.name.split()[0]}")
     try:
         proc.start(timeout_s=timeout_s)
-        logging.getLogger(f"btc_anomaly.{proc.name.split()[0]}").info("%s", ready)
-        while proc.running:
-            time.sleep(1.0)
-        raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
+        starting[0] = False
+        log.info("%s", ready)
+        while proc.running and not signals:
+            time.sleep(0.25)
+        if not signals:
+            raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
+        log.info("signal %d: stopping the %s", signals[0], proc.name)
+        proc.drain(give_up=lambda: len(signals) > 1)
     finally:
+        starting[0] = False
         proc.stop()
 
 
@@ -259,7 +273,7 @@ def train(
     by: Annotated[str | None, typer.Option(help="Who is training (recorded); default user@host.")] = None,
 ) -> None:
     """Train on the transactions Delta table, log to MLflow, register a challenger, run the promotion gate."""
-    from btc_anomaly.model.train import run_every
+    from btc_anomaly.model.train import run_every_until_signalled
     from btc_anomaly.model.train import train as run_train
 
     _logging()
@@ -292,15 +306,10 @@ def train(
     if every is None:
         once()
         return
-    import threading
-
     from btc_anomaly.monitoring import trainer as trainer_metrics
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     trainer_metrics.serve(s)
-    run_every(every, trainer_metrics.scheduled(s, once), stop=stop)
+    run_every_until_signalled(every, trainer_metrics.scheduled(s, once))
 
 
 @app.command()

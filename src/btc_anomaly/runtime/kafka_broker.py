@@ -74,6 +74,7 @@ class KafkaBroker(ManagedProcess):
     name = "kafka broker"
     poll_interval_s = 0.5
     stop_timeout_s = 30.0
+    drain_timeout_s = 45.0  # the stream finishes its micro-batch and stops its JVM first
 
     @property
     def bootstrap(self) -> str:
@@ -183,6 +184,9 @@ class KafkaBroker(ManagedProcess):
                 admin.describe_cluster()
             finally:
                 admin.close()
+
+    def client_port(self) -> int:
+        return self.port
 
     def exit_message(self, returncode: int) -> str:
         return f"kafka broker exited with {returncode}; see {self.log_dir}"

@@ -29,6 +29,7 @@ class MlflowServer(ManagedProcess):
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     name = "mlflow server"
+    drain_timeout_s = 45.0  # the stream's scoring batch and a trainer's run finish first
 
     @property
     def url(self) -> str:
@@ -65,6 +66,9 @@ class MlflowServer(ManagedProcess):
         if self.cors_allowed_origins:
             cmd += ["--cors-allowed-origins", self.cors_allowed_origins]
         return cmd
+
+    def client_port(self) -> int:
+        return self.port
 
     def cwd(self) -> Path:
         return self.data_dir

@@ -9,12 +9,14 @@ fork workers (MLflow's gunicorn) go down whole and nothing outside the group is 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -31,6 +33,23 @@ def http_probe(url: str, timeout_s: float = 2.0) -> None:
             raise NotReady(f"HTTP {resp.status}")
 
 
+def connected_clients(port: int) -> int:
+    """TCP connections established to ``port`` on this host, seen from the accepting side (Linux'
+    /proc/net/tcp and tcp6, readable without privileges; 0 where there is no /proc)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # fields: slot, local "ADDR:PORT" (hex), remote, state ("01" = ESTABLISHED), ...
+            if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 class ManagedProcess:
     """Subprocess lifecycle of a local server; subclasses define ``command``, ``log_path`` and ``probe``.
 
@@ -39,6 +58,9 @@ class ManagedProcess:
     name: ClassVar[str] = "process"
     poll_interval_s: ClassVar[float] = 0.3  # between readiness probes
     stop_timeout_s: ClassVar[float] = 20.0  # SIGTERM grace before SIGKILL
+    # How long a stop asked of the foreground server (`btc-anomaly kafka|mlflow`) waits for its clients
+    # to disconnect first: 0 = none (see drain).
+    drain_timeout_s: ClassVar[float] = 0.0
     _proc: subprocess.Popen[bytes] | None
 
     # --- what a subclass provides ------------------------------------------------------------------
@@ -63,6 +85,10 @@ class ManagedProcess:
 
     def environment(self) -> dict[str, str] | None:
         """The child's environment (None: this process' own)."""
+        return None
+
+    def client_port(self) -> int | None:
+        """The port whose clients ``drain`` waits for (None: it waits for nobody)."""
         return None
 
     def exit_message(self, returncode: int) -> str:
@@ -109,6 +135,33 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    def drain(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """Before a stop: wait until no client is connected any more, for up to ``drain_timeout_s``
+        (or until ``give_up()``, e.g. a second Ctrl-C).
+
+        honcho (`make demo`) signals every process of the stack at once: a broker or a registry that
+        went at once would fail its clients' last work (the stream's running micro-batch, the
+        producer's flush, a trainer's run) into retries, errors and a SIGKILL. Waiting lets them stop
+        first; a client still there after ``drain_timeout_s`` does not hold the stop any longer."""
+        port = self.client_port()
+        if port is None or self.drain_timeout_s <= 0 or not self.running:
+            return
+        log = logging.getLogger(f"btc_anomaly.{self.name.split()[0]}")
+        deadline = time.monotonic() + self.drain_timeout_s
+        clients = connected_clients(port)
+        if clients:
+            log.info(
+                "%s stopping once its %d client connection(s) close (at most %.0f s)",
+                self.name,
+                clients,
+                self.drain_timeout_s,
+            )
+        while clients and time.monotonic() < deadline and not give_up() and self.running:
+            time.sleep(0.25)
+            clients = connected_clients(port)
+        if clients:
+            log.warning("%s stopping with %d client connection(s) still open", self.name, clients)
 
     def kill(self) -> None:
         """Hard stop (kill -9 of the process group), for fault tests."""
