@@ -8,8 +8,12 @@ scala-libraries fail in ways that only show up deep in a job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,7 +90,8 @@ def build_session(settings: Settings, app_name: str = "btc-anomaly-stream") -> S
     if SparkContext._active_spark_context is None:
         conf = SparkConf().setMaster(settings.spark_master).setAppName(app_name)
         conf.setAll(list(session_conf(settings).items()))
-        SparkContext(conf=conf, gateway=_own_session_gateway(conf))
+        with _callers_sigint_handler():
+            SparkContext(conf=conf, gateway=_own_session_gateway(conf))
     builder = SparkSession.builder.master(settings.spark_master).appName(app_name)
     for key, value in session_conf(settings).items():
         builder = builder.config(key, value)
@@ -108,6 +113,24 @@ def _own_session_gateway(conf: SparkConf) -> JavaGateway:
     from pyspark.java_gateway import launch_gateway
 
     return launch_gateway(conf, popen_kwargs={"start_new_session": True})
+
+
+@contextlib.contextmanager
+def _callers_sigint_handler() -> Iterator[None]:
+    """Keep the caller's SIGINT handler over the SparkContext's creation.
+
+    PySpark's SparkContext installs its own (in the main thread): cancel every job, then raise
+    KeyboardInterrupt wherever the main thread is. A Ctrl-C then kills the stream's running
+    micro-batches under it (Java InterruptedException traces, exit 130) instead of reaching the stream's
+    handler, which stops the queries between batches like SIGTERM does (cli.stream)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # Spark's loggers that report each task a stop cancels ("Putting block ... failed due to exception

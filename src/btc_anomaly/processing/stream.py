@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TX_QUERY = "transactions"
 STATS_QUERY = "tx_stats"
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-STOP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0  # a micro-batch still running after this is cut off (replayed on restart)
 
 
 class StreamFailed(RuntimeError):
@@ -235,14 +235,60 @@ class _QuietBatchErrors(logging.Filter):
 logging.getLogger("py4j.clientserver").addFilter(_QuietBatchErrors())
 
 
+class BatchGate(threading.Event):
+    """The stop protocol of a runner's queries: set (like the plain Event it is) once ``stop_all`` stops
+    them, so the handlers it cuts off end quietly; before that, ``drain`` makes each handler that starts
+    afterwards wait at its entry, doing nothing, until its query is stopped.
+
+    A query running batches back to back starts its next one the moment the previous commits: without
+    the gate the stop cancels that batch's Spark jobs mid-write (Delta "Aborting job", Arrow "Memory
+    was leaked", InterruptedException traces from Spark's own loggers). Parked, the batch has run no job
+    yet: the stop ends it quietly and its offsets, planned but not committed, are run again on restart."""
+
+    PARK_LIMIT_S = 300.0  # a parked handler gives up (fails its batch) if no stop comes by then
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = threading.Event()
+        self._lock = threading.Lock()
+        self._parked: set[str] = set()
+        self._queries: dict[str, StreamingQuery] = {}
+
+    def drain(self, queries: list[StreamingQuery]) -> None:
+        with self._lock:
+            self._queries.update({str(q.id): q for q in queries})
+        self.draining.set()
+
+    def park(self, query_id: str) -> None:
+        """Hold the calling handler until its query is stopped (``stop_all``), then return."""
+        with self._lock:
+            self._parked.add(query_id)
+            query = self._queries.get(query_id)
+        deadline = time.monotonic() + self.PARK_LIMIT_S
+        # stop() marks the query terminated before it waits for this batch: only then may the handler
+        # fail, or Spark takes the failure for the query's own (StreamExecution.isInterruptedByStop).
+        while time.monotonic() < deadline and not (self.is_set() and (query is None or not query.isActive)):
+            time.sleep(0.05)
+
+    def parked(self, query: StreamingQuery) -> bool:
+        with self._lock:
+            return str(query.id) in self._parked
+
+
 def interruptible(
     handler: Callable[[DataFrame, int], None], stopping: threading.Event
 ) -> Callable[[DataFrame, int], None]:
     """The foreachBatch function ``handler``: its failure once the runner stops its queries (Spark
     cancels the batch's jobs) ends the query as stopped, quietly; any other failure fails the query
-    with a summary that Spark can handle (BatchFailed)."""
+    with a summary that Spark can handle (BatchFailed). With a ``BatchGate`` that drains, a batch that
+    starts afterwards runs nothing and ends the same quiet way once its query is stopped."""
 
     def run(batch: DataFrame, batch_id: int) -> None:
+        if isinstance(stopping, BatchGate) and stopping.draining.is_set():
+            from btc_anomaly.processing.sinks import streaming_query_id
+
+            stopping.park(streaming_query_id(batch.sparkSession))
+            raise BatchInterrupted(INTERRUPTED)
         try:
             handler(batch, batch_id)
         except Exception as exc:
@@ -259,24 +305,40 @@ def stop_all(
 ) -> None:
     """Let the micro-batch each query is running finish (up to ``timeout_s``), then stop them all.
 
-    A query whose batches run back to back (a backlog) starts its next batch at once, which the stop
-    then cuts off early: safe (replayed on restart) and quiet (``interruptible``)."""
+    With a ``BatchGate`` (the runner's), a query's next batch waits at its handler's entry meanwhile,
+    and each query is stopped while idle or parked there, so no work is cut off unless a batch outlasts
+    ``timeout_s``. Without one (a query started alone), a query whose batches run back to back starts
+    its next batch at once, which the stop then cuts off early: safe (replayed on restart) and quiet in
+    Python (``interruptible``)."""
     deadline = time.monotonic() + timeout_s
+    gate = stopping if isinstance(stopping, BatchGate) else None
+    if gate is not None:
+        gate.drain(queries)
 
     def done(q: StreamingQuery) -> int:
         return int((q.lastProgress or {}).get("batchId", -1))
 
-    running = {id(q): done(q) for q in queries if q.isActive and q.status.get("isTriggerActive")}
-    while running and time.monotonic() < deadline:
-        running = {
-            id(q): b
-            for q in queries
-            if (b := running.get(id(q))) is not None
-            and q.isActive
-            and q.status.get("isTriggerActive")
-            and done(q) == b
-        }
-        time.sleep(0.1)
+    def busy(q: StreamingQuery) -> bool:
+        """In a trigger (planning, running or committing a batch) and not parked by the gate."""
+        return bool(q.isActive and q.status.get("isTriggerActive")) and not (gate and gate.parked(q))
+
+    if gate is not None:
+        # Every query, idle ones included: one may begin a trigger meanwhile (and reach the gate).
+        while any(busy(q) for q in queries) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    else:
+        running = {id(q): done(q) for q in queries if busy(q)}
+        while running and time.monotonic() < deadline:
+            time.sleep(0.1)
+            running = {
+                id(q): b
+                for q in queries
+                if (b := running.get(id(q))) is not None and busy(q) and done(q) == b
+            }
+    if time.monotonic() >= deadline:
+        log.warning(
+            "a micro-batch still runs after %.0f s: stopping it (it runs again on restart)", timeout_s
+        )
     stopping.set()
     active = [q for q in queries if q.isActive]
     if active:
@@ -284,6 +346,10 @@ def stop_all(
 
         quiet(*CANCELLATION_LOGGERS)
     for q in active:
+        # A query that began a trigger since the wait above is let reach its handler (the gate parks it)
+        # or end its trigger: stop() interrupts whatever the query's thread is doing.
+        while gate is not None and busy(q) and time.monotonic() < deadline:
+            time.sleep(0.02)
         q.stop()
 
 
@@ -305,6 +371,15 @@ def stop_gracefully(query: StreamingQuery, timeout_s: float = STOP_TIMEOUT_S) ->
     stop_all([query], threading.Event(), timeout_s)
 
 
+def registry_fails_fast() -> None:
+    """MLflow's client retries for minutes by default: an outage must not hold the supervisor loop's
+    champion check (and the restart of a failed query), nor a scoring batch whose Python workers
+    re-check the champion (they keep the loaded one when the registry does not answer), nor a stop.
+    Called before the JVM starts, so its Python workers inherit it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 @dataclass
 class StreamRunner:
     """Starts, supervises and stops the queries of `btc-anomaly stream`."""
@@ -313,14 +388,11 @@ class StreamRunner:
     spark: SparkSession
     on_batch: BatchHook | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
-    # Set by stop_all just before it stops the queries (their handlers then end quietly).
-    stopping: threading.Event = field(default_factory=threading.Event)
+    # Drained, then set, by stop_all (their handlers then wait, or end quietly).
+    stopping: threading.Event = field(default_factory=BatchGate)
 
     def __post_init__(self) -> None:
-        # The supervisor loop checks the registry for a champion: an outage must not hold it (and the
-        # restart of a failed query) in MLflow's default retries, which back off for minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        registry_fails_fast()
         self.lake = Lake.from_settings(self.settings)
         self.lake.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -447,6 +519,7 @@ def run_stream(
     from btc_anomaly.processing.metrics_listener import install_listener
     from btc_anomaly.processing.spark_session import build_session
 
+    registry_fails_fast()
     spark = build_session(settings)
     listener = install_listener(spark, settings.stream_metrics_port)
     try:
