@@ -5,6 +5,7 @@ against a plain per-transaction reading of the rule descriptions."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -204,3 +205,54 @@ def test_catalogue_lists_every_rule(i: int) -> None:
     entry = rules.describe()[i]
     assert entry == {"id": RULES[i].id, "description": RULES[i].description, "weight": RULES[i].weight}
     assert len(rules.describe()) == len(RULES)
+
+
+def test_transactions_without_inputs_or_outputs_get_the_header_rules_only() -> None:
+    """The schema takes empty input and output lists, and ``list_column`` reads a null list as an empty one:
+    such rows are judged on their header fields alone, in a batch of their own and next to ordinary rows
+    (first or last), never an error."""
+    base = record(PEEL)
+    vsize = base["vsize"]
+    burnt = dict(base, fee=1000 * vsize, input_value=1000 * vsize)  # fires both header rules
+    bare = [dict(burnt, inputs=[], outputs=[]), dict(base, inputs=None, outputs=None)]
+    assert fires(*bare) == [{"very_high_fee_rate", "excessive_fee_share"}, set()]
+    assert fires(bare[1]) == [set()]
+    old = copy.deepcopy(base)
+    old["inputs"][0]["script_type"] = "pubkey"
+    no_inputs = dict(old, inputs=[])
+    no_outputs = dict(old, outputs=[])
+    for batch in ([old, no_inputs], [old, no_outputs], [old, *bare], [*bare, old]):
+        assert fires(*batch) == [plain(r) for r in batch]
+    assert fires(old, no_outputs)[1] == {"old_style_script"}  # the P2PK input alone still counts
+    assert "peel_chain_step" not in fires(old, no_inputs)[1]  # a peel step spends exactly one input
+
+
+def test_zero_sizes_and_values_give_no_rate_and_no_warning() -> None:
+    """A zero vsize or input value is "no rate", decided without NumPy's divide-by-zero warnings (which would
+    flood the service logs), while any positive size does give a rate."""
+    base = record(PEEL)
+    rows = [
+        dict(base, vsize=0, fee=10**9),
+        dict(base, input_value=0, fee=10**6),
+        dict(base, vsize=0, input_value=0, fee=0),
+        dict(base, fee=None, input_value=None),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fires(*rows)
+    assert "very_high_fee_rate" not in got[0] and "excessive_fee_share" not in got[1]
+    assert not ({"very_high_fee_rate", "excessive_fee_share"} & (got[2] | got[3]))
+    assert "very_high_fee_rate" in fires(dict(base, vsize=1, fee=1000))[0]
+
+
+def test_a_null_script_type_is_not_old_whatever_the_batch_holds() -> None:
+    """On the dictionary path a null script type reads as "not old" even when the last script type the
+    batch introduces is an old one."""
+    recs = [copy.deepcopy(r) for r in sample_records() if "old_style_script" not in plain(r)][: rules.SMALL]
+    assert sum(len(r["outputs"]) for r in recs) > rules.SMALL
+    assert not any(o["script_type"] in OLD for r in recs for o in r["outputs"])
+    recs[0]["outputs"][0]["script_type"] = None
+    recs[-1]["outputs"][-1]["script_type"] = "pubkey"  # the dictionary's last entry
+    got = fires(*recs)
+    assert got == [plain(r) for r in recs]
+    assert "old_style_script" not in got[0] and "old_style_script" in got[-1]
