@@ -35,6 +35,7 @@ class _Server(ManagedProcess):
     poll_interval_s = 0.05
     stop_timeout_s = 5.0
     drain_timeout_s = 600.0  # longer than the test: only the client's leaving ends the drain
+    drain_quiet_s = 0.0
 
     @property
     def address(self) -> str:

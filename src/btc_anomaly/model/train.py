@@ -595,6 +595,11 @@ def run_every_until_signalled(every: str, fn: Any) -> None:
         in_run[0] = True
         try:
             fn()
+        except Exception:
+            if not stop.is_set():
+                raise
+            # What failed on the way out of a stopped run (the registry stopping too): not a failure.
+            raise TrainingStopped from None
         finally:
             in_run[0] = False
 

@@ -61,6 +61,9 @@ class ManagedProcess:
     # How long a stop asked of the foreground server (`btc-anomaly kafka|mlflow`) waits for its clients
     # to disconnect first: 0 = none (see drain).
     drain_timeout_s: ClassVar[float] = 0.0
+    # ... and until no client has been connected for this long: a client that is stopping may open a
+    # connection for its last calls (a trainer marking its run stopped) a moment after the signal.
+    drain_quiet_s: ClassVar[float] = 3.0
     _proc: subprocess.Popen[bytes] | None
 
     # --- what a subclass provides ------------------------------------------------------------------
@@ -137,8 +140,8 @@ class ManagedProcess:
             proc.wait()
 
     def drain(self, give_up: Callable[[], bool] = lambda: False) -> None:
-        """Before a stop: wait until no client is connected any more, for up to ``drain_timeout_s``
-        (or until ``give_up()``, e.g. a second Ctrl-C).
+        """Before a stop: wait until no client has been connected for ``drain_quiet_s``, for up to
+        ``drain_timeout_s`` (or until ``give_up()``, e.g. a second Ctrl-C).
 
         honcho (`make demo`) signals every process of the stack at once: a broker or a registry that
         went at once would fail its clients' last work (the stream's running micro-batch, the
@@ -148,7 +151,8 @@ class ManagedProcess:
         if port is None or self.drain_timeout_s <= 0 or not self.running:
             return
         log = logging.getLogger(f"btc_anomaly.{self.name.split()[0]}")
-        deadline = time.monotonic() + self.drain_timeout_s
+        now = time.monotonic()
+        deadline, quiet_since = now + self.drain_timeout_s, now
         clients = connected_clients(port)
         if clients:
             log.info(
@@ -157,7 +161,11 @@ class ManagedProcess:
                 clients,
                 self.drain_timeout_s,
             )
-        while clients and time.monotonic() < deadline and not give_up() and self.running:
+        while time.monotonic() < deadline and not give_up() and self.running:
+            if clients:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= self.drain_quiet_s:
+                return
             time.sleep(0.25)
             clients = connected_clients(port)
         if clients:
