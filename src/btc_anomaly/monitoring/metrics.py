@@ -171,6 +171,11 @@ STREAM_PREDICTIONS = Counter(
     "Transactions scored by the stream's scoring query, by label (anomaly/normal) and model_kind.",
     ["label", "model_kind"],
 )
+STREAM_REGISTRY_FAILURES = Gauge(
+    "btc_stream_registry_consecutive_failures",
+    "Checks of the champion alias by the stream's scoring query (every model_reload_s) that failed in a row: "
+    "the model registry is unreachable; 0 after a check that succeeded. Scoring goes on with the loaded champion.",
+)
 
 
 # --- api (api/: FastAPI service; several uvicorn workers share PROMETHEUS_MULTIPROC_DIR) -------------

@@ -16,6 +16,13 @@ Exactly once: each micro-batch is scored once and kept (local checkpoint), then 
 transaction identifier (query id + batch id), so a batch replayed after a crash commits nothing twice.
 New columns of ``scored_arrow_schema()`` (a newer release) are added to the table (schema merge).
 
+A registry outage does not stop scoring: each worker keeps the champion it loaded (a worker without
+one fails its batch, and the runner restarts the query until the registry answers). The workers get the
+driver's MLflow client limits (``worker_mlflow_env``), so a re-check fails in milliseconds instead of
+holding the batch in MLflow's default retries (about four minutes per check). The driver checks the
+alias on the same schedule (``watch_registry``): failures in a row are the metric
+``btc_stream_registry_consecutive_failures`` and the alert BtcStreamRegistryUnreachable.
+
 Without a champion (fresh install, before the first training) the query is not started; the runner
 checks the alias every ``model_reload_s`` and starts it once a champion exists. It then begins with a
 snapshot of the whole table, so nothing ingested before the first model stays unscored.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,7 +52,7 @@ from typing import TYPE_CHECKING
 from btc_anomaly.config import Settings
 from btc_anomaly.model.registry import CHAMPION
 from btc_anomaly.model.scoring import map_in_pandas_scorer, scored_spark_schema
-from btc_anomaly.monitoring.metrics import STREAM_PREDICTIONS
+from btc_anomaly.monitoring.metrics import STREAM_PREDICTIONS, STREAM_REGISTRY_FAILURES
 from btc_anomaly.monitoring.notifier import notify_anomalies
 from btc_anomaly.processing import tables
 from btc_anomaly.processing.parse import transaction_columns
@@ -75,6 +83,59 @@ def champion_exists(settings: Settings) -> bool:
     except Exception as exc:  # MLflow down or not yet up: not an error of the stream
         log.info("cannot reach the model registry at %s (%s)", settings.mlflow_tracking_uri, exc)
         return False
+
+
+# MLflow's client reads these per request; StreamRunner sets them in the driver (an outage fails fast).
+MLFLOW_CLIENT_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def worker_mlflow_env(spark: SparkSession) -> dict[str, str]:
+    """Give Spark's Python workers the driver's MLflow client limits; returns what it set.
+
+    The workers inherit the environment of the JVM, which starts before StreamRunner sets the limits;
+    without them a worker's alias re-check sits in MLflow's default retries (7, with backoff: about four
+    minutes) while the registry is down, and the scoring batch with it. ``SparkContext.environment`` is
+    what PySpark hands each Python function's workers, read when the function is planned."""
+    passed = {name: os.environ[name] for name in MLFLOW_CLIENT_ENV if name in os.environ}
+    spark.sparkContext.environment.update(passed)
+    return passed
+
+
+def watch_registry(settings: Settings, query: StreamingQuery, stopping: threading.Event) -> threading.Thread:
+    """Check the champion alias from the driver every ``model_reload_s`` while ``query`` runs, into
+    ``STREAM_REGISTRY_FAILURES``. The workers' own checks keep the loaded champion when the registry is
+    down and say so only in their log: this is the outage's metric."""
+    from btc_anomaly.model.registry import version_by_alias
+
+    def run() -> None:
+        failures = 0
+        while not stopping.wait(settings.model_reload_s):
+            try:
+                if not query.isActive:
+                    return
+            except Exception:  # the JVM is gone (shutdown)
+                return
+            try:
+                version_by_alias(settings, CHAMPION)
+            except Exception as exc:
+                failures += 1
+                STREAM_REGISTRY_FAILURES.set(failures)
+                if failures == 1:
+                    log.warning(
+                        "model registry unreachable at %s (%s): scoring goes on with the loaded champion; "
+                        "a promotion reaches the stream once it answers again",
+                        settings.mlflow_tracking_uri,
+                        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                    )
+                continue
+            if failures:
+                log.info("model registry reachable again after %d failed checks", failures)
+            failures = 0
+            STREAM_REGISTRY_FAILURES.set(0)
+
+    thread = threading.Thread(target=run, name="registry-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True)
@@ -172,6 +233,7 @@ def start_scoring_query(
     from btc_anomaly.processing.sinks import inserted_transactions, streaming_query_id
     from btc_anomaly.processing.stream import interruptible, trigger_options
 
+    worker_mlflow_env(spark)  # before mapInPandas plans the scorer
     scorer = map_in_pandas_scorer(
         settings.mlflow_tracking_uri,
         settings.model_name,
@@ -204,10 +266,14 @@ def start_scoring_query(
         compactor.wrote(written.oldest)
         compactor.run_if_due(batch.sparkSession)
 
-    return (
+    stopping = stopping or threading.Event()
+    query = (
         scored.writeStream.queryName(SCORING_QUERY)
         .option("checkpointLocation", lake.checkpoint(SCORING_QUERY))
         .trigger(**trigger_options(settings.stream_score_trigger_s, available_now))
-        .foreachBatch(interruptible(handle, stopping or threading.Event()))
+        .foreachBatch(interruptible(handle, stopping))
         .start()
     )
+    if not available_now:
+        watch_registry(settings, query, stopping)
+    return query
