@@ -73,7 +73,7 @@ def _run_in_foreground(proc: ManagedProcess, timeout_s: float, ready: str) -> No
             time.sleep(0.25)
         if not signals:
             raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
-        log.info("signal %d: stopping the %s", signals[0], proc.name)
+        log.info("signal %d: stopping %s", signals[0], proc.name)
         proc.drain(give_up=lambda: len(signals) > 1)
     finally:
         starting[0] = False
