@@ -149,6 +149,8 @@ def test_an_item_too_long_is_a_field_error_not_a_413() -> None:
 def test_raw_hex_bodies() -> None:
     parser = BodyParser(max_items=2)
     assert parser.raw_hexes(b'["0100", "02 00"]') == ["0100", "02 00"]
+    # One transaction is a batch, and any non-empty string passes here: the decoder judges the hex itself.
+    assert parser.raw_hexes(b'["0"]') == ["0"]
     for bad, loc in ((b"[]", ["body"]), (b'[""]', ["body", 0]), (b'"0100"', ["body"]), (b"[1]", ["body", 0])):
         with pytest.raises(BodyValidationError) as err:
             parser.raw_hexes(bad)
@@ -279,3 +281,17 @@ def test_request_schemas() -> None:
     }
     assert {"CanonicalTransaction", "SummaryTransaction", "TxInput", "TxOutput"} <= set(defs)
     assert defs["SummaryTransaction"]["properties"]["size"]["maximum"] == 4_000_000
+
+
+def test_one_large_object_takes_the_fast_path_from_the_same_byte_size() -> None:
+    """A single transaction object (not an array) switches to the columnar path at ``FAST_PATH_MIN_BYTES``
+    too, and is answered as a single object either way."""
+    parser = BodyParser(max_items=10)
+    one = orjson.dumps(TX)
+    at = one[:-1] + b" " * (FAST_PATH_MIN_BYTES - len(one)) + b"}"
+    assert len(at) == FAST_PATH_MIN_BYTES
+    columnar, single = parser.transactions(at)
+    assert single is True and isinstance(columnar, CanonicalBatch) and list(columnar.hashes) == [TX["hash"]]
+    under = at[:-2] + b"}"  # one byte under
+    models, single = parser.transactions(under)
+    assert single is True and isinstance(models, list) and [m.hash for m in models] == [TX["hash"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
 import tempfile
 from functools import lru_cache
@@ -29,6 +30,13 @@ from btc_anomaly.model.reference import canary_transactions, reference_transacti
 from helpers.detectors import fitted_bundle
 
 NAME = "btc-tx-iforest"
+
+# `make mutation` only: mutmut's fork server collects the tests with MUTANT_UNDER_TEST set to "" (no mutant)
+# and forks one process per mutant from it. Fitting the sample bundle here, once, with the unmutated code,
+# saves every mutant that reaches a bundle test the 7 s refit (a mutant still runs in every scoring call
+# the tests make). Plain pytest runs never set the variable.
+if os.environ.get("MUTANT_UNDER_TEST") == "":
+    fitted_bundle()
 
 
 # --- the benchmark check: floor and tolerance at their exact limits -----------------------------------------
@@ -565,6 +573,7 @@ def test_promote_finishes_a_pending_promotion_and_an_existing_champion(
         "2",
     )
     assert again.summary == f"promoted {NAME} v2: already the champion"
+    assert again.decided_by == "x@y"  # every decision names who asked for it
     assert again.decided_at.endswith("+00:00")  # decisions are stamped in UTC
     with pytest.raises(LookupError, match=f"{NAME} has no 'challenger' version to gate"):
         promotion.promote(settings)
@@ -644,3 +653,111 @@ def test_the_gate_records_its_checks_against_the_champion(
         (few, "refused", False),
         (few, "promoted", True),
     ]
+
+
+# --- the event tag at the 5000-character limit --------------------------------------------------------------
+
+
+def _slim(event: dict[str, Any]) -> dict[str, Any]:
+    """The slimmed form the tag falls back to: each check keeps its name, outcome and value."""
+    return dict(event, checks=[{k: ch[k] for k in ("name", "passed", "value")} for ch in event["checks"]])
+
+
+def _dumps(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), default=str)
+
+
+def _padded(event: dict[str, Any], length: int, slim: bool = False) -> dict[str, Any]:
+    """``event`` with its reason padded so that its JSON (or its slim form's) is ``length`` characters."""
+    bare = dict(event, reason="")
+    return dict(event, reason="r" * (length - len(_dumps(_slim(bare) if slim else bare))))
+
+
+def test_an_event_of_exactly_5000_characters_is_kept_whole_and_one_more_is_slimmed() -> None:
+    """The tag holds 5000 characters: an event that fits exactly keeps its check details; one character more
+    and the details go, the reason untouched."""
+    event = _decision().to_event()
+    exact = _padded(event, 5000)
+    assert promotion._compact(exact) == _dumps(exact) and len(_dumps(exact)) == 5000
+    over = _padded(event, 5001)
+    text = promotion._compact(over)
+    assert len(text) <= 5000 and json.loads(text) == _slim(over)
+
+
+def test_a_slimmed_event_that_fits_keeps_its_whole_reason() -> None:
+    """The reason is only shortened when the slimmed event still passes the limit: at exactly 5000 it stays."""
+    big = _decision(checks=[Check(f"c{i}", False, float(i), ">= 1", "d" * 400) for i in range(20)]).to_event()
+    exact = _padded(big, 5000, slim=True)
+    assert len(_dumps(exact)) > 5000
+    assert json.loads(promotion._compact(exact)) == _slim(exact)
+
+
+def test_values_json_cannot_encode_are_text_in_slimmed_and_shortened_events() -> None:
+    """A check value NumPy hands over (np.int64 is not a JSON number for ``json``) is written as its text on
+    every path, so a large decision is still recorded; a shortened event is the same compact JSON form."""
+    checks = [Check(f"c{i}", False, np.int64(i), ">= 1", "d" * 400) for i in range(20)]  # type: ignore[arg-type]
+    for reason in ("short", "r" * 6000):
+        event = dict(_decision(checks=checks).to_event(), reason=reason)
+        text = promotion._compact(event)
+        read = json.loads(text)
+        assert len(text) <= 5000 and [ch["value"] for ch in read["checks"]] == [str(i) for i in range(20)]
+        assert text == json.dumps(read, separators=(",", ":"))  # no spaces: the limit is spent on content
+
+
+# --- reading decisions back -----------------------------------------------------------------------------------
+
+
+def test_a_pending_promotion_reads_missing_event_fields_as_empty(registry: tuple[Settings, Any]) -> None:
+    """A promotion event that names only its outcome and champion (written by hand or by an older release)
+    reads back as a promotion with no checks, no author or date, no metrics, not forced; a forced one as
+    forced."""
+    settings, c = registry
+    c.set_model_version_tag(NAME, "3", "promotion.status", "promoted")
+    c.set_model_version_tag(
+        NAME, "3", "promotion.event.x", json.dumps({"status": "promoted", "previous_champion": "1"})
+    )
+    assert promotion._pending_promotion(c, settings, "3", "1") == GateDecision(
+        NAME, "3", True, [], decided_by="", decided_at="", previous_champion="1", forced=False, metrics={}
+    )
+    forced = {"status": "promoted", "previous_champion": "1", "forced": True, "decided_at": "2026"}
+    c.set_model_version_tag(NAME, "3", "promotion.event.y", json.dumps(forced))
+    read = promotion._pending_promotion(c, settings, "3", "1")
+    assert read is not None and read.forced and read.decided_at == "2026"
+
+
+def test_history_is_this_models_decisions_in_time_order(registry: tuple[Settings, Any]) -> None:
+    """``promotion_history`` lists every readable decision of this model only, oldest first, and versions
+    decided at the same instant by version number (10 after 9); an unreadable event skips itself only."""
+    settings, c = registry
+    late = _decision(version="1", decided_at="2026-01-05T00:00:00.000+00:00", note="n" * 4500)
+    early = _decision(version="2", decided_at="2026-01-01T00:00:00.000+00:00")
+    promotion._record(c, settings, late)
+    promotion._record(c, settings, early)
+    c.set_model_version_tag(NAME, "3", "promotion.event.0bad", "{not json")
+    same = "2026-01-03T00:00:00.000+00:00"
+    for v in ("10", "9"):
+        c.set_model_version_tag(
+            NAME, "3", f"promotion.event.{v}", json.dumps({"version": v, "decided_at": same})
+        )
+    c.create_registered_model("another-model")
+    other = c.create_model_version("another-model", source="x")
+    c.set_model_version_tag("another-model", other.version, "promotion.event.z", _dumps(early.to_event()))
+    # The reason tag keeps the first 4000 characters; the event (compacted) and the description the rest.
+    assert _tags(c, "1")["promotion.reason"] == "n" * 4000
+    history = promotion.promotion_history(settings)
+    assert [(e["version"], e["decided_at"][:10]) for e in history] == [
+        ("2", "2026-01-01"),
+        ("9", "2026-01-03"),
+        ("10", "2026-01-03"),
+        ("1", "2026-01-05"),
+    ]
+
+
+def test_an_alias_that_cannot_move_says_how_to_finish(registry: tuple[Settings, Any]) -> None:
+    """The decision is recorded before the alias moves; when the move fails the error says so and names the
+    command that finishes it."""
+    settings, c = registry
+    with pytest.raises(
+        RuntimeError, match=r"could not move the 'champion' alias .*`btc-anomaly promote 99` again"
+    ):
+        promotion._move_alias(c, settings, _decision(version="99", promoted=True))

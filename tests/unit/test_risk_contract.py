@@ -163,6 +163,24 @@ def test_signal_names_per_row() -> None:
     assert risk.signal_names(every) == [["forest", "mahalanobis", *(f"rule:{r.id}" for r in RULES)]]
 
 
+def test_each_signal_is_named_on_its_own_and_rows_alike_share_their_list() -> None:
+    """The Mahalanobis distance and the first rule are named each without the other, and rows whose signals
+    are the same (no watchlist hit) share one list, as the module promises (one list per distinct set)."""
+    parts = _parts(
+        [0.0, 0.0, 0.2, 0.2], [0.1, 0.0, 0.0, 0.0], [[], ["dust_fanout"], [], []], [[], [], [], []]
+    )
+    names = risk.signal_names(parts)
+    assert names == [["mahalanobis"], ["rule:dust_fanout"], ["forest"], ["forest"]]
+    assert names[2] is names[3]
+
+
+def test_severities_are_an_object_array_of_names() -> None:
+    """``severity_of`` gives Python strings (an object array, as documented), which the API and the lake
+    serialize as they are."""
+    got = risk.severity_of(np.array([0.0, 30.0, 60.0, 90.0]))
+    assert got.dtype == object and [type(s) for s in got] == [str] * 4
+
+
 def test_details_give_each_signal_its_points_and_reason() -> None:
     parts = _parts(
         [0.123456, 0.0, 0.0],
