@@ -32,9 +32,9 @@ DEMO_PRODUCE_ARGS := --source replay --loop --speed $(SPEED)
 endif
 # On Ctrl-C honcho SIGTERMs every process at once and SIGKILLs what is left KILL_WAIT s later (5 by
 # default). Each process stops by itself, in order: Kafka and MLflow wait for their clients first
-# (at most 45 s, runtime/process.ManagedProcess.drain), the stream lets its running micro-batch finish
-# (at most 30 s, processing/stream.STOP_TIMEOUT_S). KILL_WAIT is only the backstop above those bounds.
-HONCHO := $(BIN)/python -c 'import sys, honcho.command, honcho.manager; honcho.manager.KILL_WAIT = 90; sys.exit(honcho.command.main())'
+# (at most 90 s, runtime/process.ManagedProcess.drain), the stream lets its running micro-batch finish
+# (at most 60 s, processing/stream.STOP_TIMEOUT_S). KILL_WAIT is only the backstop above those bounds.
+HONCHO := $(BIN)/python -c 'import sys, honcho.command, honcho.manager; honcho.manager.KILL_WAIT = 120; sys.exit(honcho.command.main())'
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'

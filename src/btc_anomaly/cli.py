@@ -69,12 +69,17 @@ def _run_in_foreground(proc: ManagedProcess, timeout_s: float, ready: str) -> No
         proc.start(timeout_s=timeout_s)
         starting[0] = False
         log.info("%s", ready)
+        watch = proc.client_watch()
+        next_sample = 0.0
         while proc.running and not signals:
+            if watch is not None and time.monotonic() >= next_sample:
+                watch.sample()
+                next_sample = time.monotonic() + 2.0
             time.sleep(0.25)
         if not signals:
             raise SystemExit(f"{proc.name} exited; see {proc.log_path}")
         log.info("signal %d: stopping %s", signals[0], proc.name)
-        proc.drain(give_up=lambda: len(signals) > 1)
+        proc.drain(give_up=lambda: len(signals) > 1, watch=watch)
     finally:
         starting[0] = False
         proc.stop()

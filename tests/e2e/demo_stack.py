@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STARTUP_BUDGET_S = 210  # first scored rows within this (the issue: "within a few minutes" of `make demo`)
-STOP_BUDGET_S = 60
+# Ctrl-C to gone: each process stops by itself well within this (the Makefile's HONCHO line says in
+# what order); above the demo's KILL_WAIT (120 s), so a process honcho had to SIGKILL shows in the log.
+STOP_BUDGET_S = 150
 DETECT_POLL_S = 5  # the test's detect poll interval (10 s by default)
 # Runs after every other e2e test: it stops the shared stack.
 LAST = "test_demo.py::test_ctrl_c_stops_the_whole_stack_cleanly"

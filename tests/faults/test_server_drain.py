@@ -7,6 +7,7 @@ and a real TCP client here: the drain holds while the client is connected and en
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 
 from btc_anomaly.runtime.kafka_broker import KafkaBroker, free_port
 from btc_anomaly.runtime.mlflow_server import MlflowServer
-from btc_anomaly.runtime.process import ManagedProcess, connected_clients, http_probe
+from btc_anomaly.runtime.process import ClientWatch, ManagedProcess, connected_clients, http_probe
 
 
 @dataclass
@@ -88,6 +89,47 @@ def test_drain_waits_for_the_clients_to_leave(server: _Server) -> None:
     assert server.running  # drain only waits: the stop is the caller's
 
 
+# A client that connects, leaves, and still runs: the stream between two champion checks.
+_CLIENT = """
+import socket, sys
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("connected", flush=True)
+sys.stdin.readline()
+conn.close()
+print("left", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_drain_waits_for_a_process_seen_connected_lately(server: _Server) -> None:
+    client = subprocess.Popen(
+        [sys.executable, "-c", _CLIENT, str(server.port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        assert client.stdout.readline() == "connected\n"
+        watch = ClientWatch(server.port, supervisor=os.getpid())  # the client is this test's child
+        _until(lambda: watch.sample() or client.pid in watch.seen, "the client to be seen")
+        client.stdin.write("\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "left\n"
+        _until(lambda: connected_clients(server.port) == 0, "the client's connection to close")
+        drained = threading.Event()
+        waiter = threading.Thread(target=lambda: (server.drain(watch=watch), drained.set()), daemon=True)
+        waiter.start()
+        assert not drained.wait(1.0), "drain returned while a client process seen lately still ran"
+        client.stdin.write("\n")
+        client.stdin.flush()
+        client.wait(30)
+        assert drained.wait(60), "drain did not return once the client process had exited"
+    finally:
+        client.kill()
+        client.wait()
+
+
 def test_a_second_signal_ends_the_drain(server: _Server) -> None:
     with socket.create_connection(("127.0.0.1", server.port)):
         _until(lambda: connected_clients(server.port) == 1, "the client's connection")
@@ -100,3 +142,6 @@ def test_the_broker_and_the_registry_drain_their_own_port(tmp_path: Path) -> Non
     registry = MlflowServer(data_dir=tmp_path / "m", port=free_port())
     for proc in (broker, registry):
         assert proc.client_port() == proc.port and proc.drain_timeout_s > 0
+    # MLflow's clients call now and then: it also waits for the processes it saw lately.
+    assert broker.client_watch() is None
+    assert registry.client_watch() is not None

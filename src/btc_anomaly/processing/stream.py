@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TX_QUERY = "transactions"
 STATS_QUERY = "tx_stats"
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-STOP_TIMEOUT_S = 30.0  # a micro-batch still running after this is cut off (replayed on restart)
+STOP_TIMEOUT_S = 60.0  # a micro-batch still running after this is cut off (replayed on restart)
 
 
 class StreamFailed(RuntimeError):
@@ -285,8 +285,6 @@ def interruptible(
 
     def run(batch: DataFrame, batch_id: int) -> None:
         if isinstance(stopping, BatchGate) and stopping.draining.is_set():
-            from btc_anomaly.processing.sinks import streaming_query_id
-
             stopping.park(streaming_query_id(batch.sparkSession))
             raise BatchInterrupted(INTERRUPTED)
         try:

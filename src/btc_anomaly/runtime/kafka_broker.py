@@ -74,7 +74,7 @@ class KafkaBroker(ManagedProcess):
     name = "kafka broker"
     poll_interval_s = 0.5
     stop_timeout_s = 30.0
-    drain_timeout_s = 45.0  # the stream finishes its micro-batch and stops its JVM first
+    drain_timeout_s = 90.0  # the stream finishes its micro-batch and stops its JVM first
 
     @property
     def bootstrap(self) -> str:

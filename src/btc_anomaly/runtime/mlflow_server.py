@@ -29,7 +29,9 @@ class MlflowServer(ManagedProcess):
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     name = "mlflow server"
-    drain_timeout_s = 45.0  # the stream's scoring batch and a trainer's run finish first
+    drain_timeout_s = 90.0  # the stream's scoring batch and a trainer's run finish first
+    # Its clients call now and then (the stream's champion checks, every model_reload_s by default).
+    remember_clients_s = 300.0
 
     @property
     def url(self) -> str:

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -33,21 +34,110 @@ def http_probe(url: str, timeout_s: float = 2.0) -> None:
             raise NotReady(f"HTTP {resp.status}")
 
 
-def connected_clients(port: int) -> int:
-    """TCP connections established to ``port`` on this host, seen from the accepting side (Linux'
-    /proc/net/tcp and tcp6, readable without privileges; 0 where there is no /proc)."""
-    count = 0
+def _connections(port: int) -> tuple[int, set[str]]:
+    """(TCP connections established to ``port`` on this host, the socket inodes of their connecting
+    ends), from Linux' /proc/net/tcp and tcp6, readable without privileges; (0, {}) without /proc."""
+    accepted, inodes = 0, set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
+            # slot, local "ADDR:PORT" (hex), remote, state ("01" = ESTABLISHED), ..., inode (10th)
             fields = line.split()
-            # fields: slot, local "ADDR:PORT" (hex), remote, state ("01" = ESTABLISHED), ...
-            if len(fields) > 3 and fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+            if len(fields) < 10 or fields[3] != "01":
+                continue
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                accepted += 1
+            elif int(fields[2].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return accepted, inodes
+
+
+def connected_clients(port: int) -> int:
+    """TCP connections established to ``port`` on this host, seen from the accepting side."""
+    return _connections(port)[0]
+
+
+def client_pids(port: int) -> set[int]:
+    """The processes on this host that hold a connection to ``port`` (found by their sockets' inodes
+    under /proc/PID/fd; another user's processes are not readable, so not found)."""
+    inodes = {f"socket:[{inode}]" for inode in _connections(port)[1]}
+    pids: set[int] = set()
+    if not inodes:
+        return pids
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    pids.add(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, ... (empty when gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    stat = _stat(pid)
+    return bool(stat) and stat[0] != "Z"
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        stat = _stat(pid)
+        if not stat or pid <= 1:
+            return False
+        pid = int(stat[1])
+        if pid == ancestor:
+            return True
+    return False
+
+
+@dataclass
+class ClientWatch:
+    """The processes seen connected to a server's port lately, sampled while it runs.
+
+    A client that calls now and then (MLflow's: a few requests, then nothing for a minute; the server
+    closes idle connections after seconds) has no connection open when a stop comes, yet may call
+    again while it stops itself (the stream's scoring batch checking the champion)."""
+
+    port: int
+    remember_s: float = 300.0
+    seen: dict[int, float] = field(default_factory=dict)
+    # Only the stack's own processes count: those under the supervisor that started this one (the
+    # grandparent: honcho runs each command from a child of its own), not e.g. a browser on the UI.
+    supervisor: int = field(default_factory=lambda: int((_stat(os.getppid()) or ["", "1"])[1]))
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        ours = (
+            pid
+            for pid in client_pids(self.port)
+            if pid != os.getpid() and self.supervisor > 1 and _descends_from(pid, self.supervisor)
+        )
+        self.seen.update(dict.fromkeys(ours, now))
+        self.seen = {pid: t for pid, t in self.seen.items() if now - t <= self.remember_s}
+
+    def remaining(self) -> set[int]:
+        """The processes seen lately that still run."""
+        return {pid for pid in self.seen if _alive(pid)}
 
 
 class ManagedProcess:
@@ -64,6 +154,8 @@ class ManagedProcess:
     # ... and until no client has been connected for this long: a client that is stopping may open a
     # connection for its last calls (a trainer marking its run stopped) a moment after the signal.
     drain_quiet_s: ClassVar[float] = 3.0
+    # ... and until the processes seen connected within this long have exited (0: connections only).
+    remember_clients_s: ClassVar[float] = 0.0
     _proc: subprocess.Popen[bytes] | None
 
     # --- what a subclass provides ------------------------------------------------------------------
@@ -139,9 +231,10 @@ class ManagedProcess:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def drain(self, give_up: Callable[[], bool] = lambda: False) -> None:
-        """Before a stop: wait until no client has been connected for ``drain_quiet_s``, for up to
-        ``drain_timeout_s`` (or until ``give_up()``, e.g. a second Ctrl-C).
+    def drain(self, give_up: Callable[[], bool] = lambda: False, watch: ClientWatch | None = None) -> None:
+        """Before a stop: wait until no client has been connected for ``drain_quiet_s`` and every
+        process ``watch`` saw connected lately has exited, for up to ``drain_timeout_s`` (or until
+        ``give_up()``, e.g. a second Ctrl-C).
 
         honcho (`make demo`) signals every process of the stack at once: a broker or a registry that
         went at once would fail its clients' last work (the stream's running micro-batch, the
@@ -153,23 +246,41 @@ class ManagedProcess:
         log = logging.getLogger(f"btc_anomaly.{self.name.split()[0]}")
         now = time.monotonic()
         deadline, quiet_since = now + self.drain_timeout_s, now
-        clients = connected_clients(port)
-        if clients:
+
+        def waiting_for() -> tuple[int, set[int]]:
+            return connected_clients(port), watch.remaining() if watch is not None else set()
+
+        clients, processes = waiting_for()
+        if clients or processes:
             log.info(
-                "%s stopping once its %d client connection(s) close (at most %.0f s)",
+                "%s stopping once its clients are gone (%d connection(s), %d process(es) seen lately; at "
+                "most %.0f s, a second signal stops it now)",
                 self.name,
                 clients,
+                len(processes),
                 self.drain_timeout_s,
             )
         while time.monotonic() < deadline and not give_up() and self.running:
-            if clients:
+            if clients or processes:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.drain_quiet_s:
                 return
             time.sleep(0.25)
-            clients = connected_clients(port)
-        if clients:
-            log.warning("%s stopping with %d client connection(s) still open", self.name, clients)
+            clients, processes = waiting_for()
+        if clients or processes:
+            log.warning(
+                "%s stopping with %d client connection(s) open, client processes %s still running",
+                self.name,
+                clients,
+                sorted(processes),
+            )
+
+    def client_watch(self) -> ClientWatch | None:
+        """A ``ClientWatch`` of ``client_port`` when this server remembers its clients (None if not)."""
+        port = self.client_port()
+        if port is None or self.remember_clients_s <= 0:
+            return None
+        return ClientWatch(port, self.remember_clients_s)
 
     def kill(self) -> None:
         """Hard stop (kill -9 of the process group), for fault tests."""
