@@ -58,6 +58,10 @@ EQUIVALENT: dict[str, str] = {
         f"btc_anomaly.features.x_has_prevouts__mutmut_{n}": _TO_NUMPY
         for n in (15, 16, 17, 18, 23, 24, 25, 26)
     },
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _TO_NUMPY for n in (3, 5, 11, 13)},
+    "btc_anomaly.features.x_market_fee_rates__mutmut_38": (
+        "'= np.nan' -> '= None' on a float64 array: NumPy stores None as NaN"
+    ),
     **{
         f"btc_anomaly.processing.stored_hashes.x\u01c1StoredHashes\u01c1add__mutmut_{n}": _DTYPES
         for n in (8, 10, 12, 14)
@@ -104,6 +108,10 @@ EQUIVALENT: dict[str, str] = {
     "btc_anomaly.detectors.rules.x__script_flags__mutmut_7": (
         "'<= SMALL' -> '< SMALL': at exactly SMALL elements the dictionary path runs instead of the Python "
         "scan; both give the same flags (test_large_batches_read_scripts_through_the_dictionary_with_nulls)"
+    ),
+    "btc_anomaly.detectors.rules.x__script_flags__mutmut_6": (
+        "np.zeros(0) -> np.zeros(1) for a batch without outputs (or inputs): the flags only weigh bincounts "
+        "over no elements, which ignore the weights, and broadcast away against the empty value array"
     ),
     "btc_anomaly.detectors.rules.x__script_flags__mutmut_13": (
         "np.fromiter's count only preallocates: the array is the same without it"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -274,3 +275,35 @@ def test_has_prevouts_on_nullable_integer_columns() -> None:
     assert frame["fee"].dtype == "Int64"
     assert has_prevouts(frame).tolist() == [True, False, False]
     np.testing.assert_allclose(market_fee_rates(frame), market_fee_rates(pd.DataFrame(rows)), rtol=0)
+
+
+def test_an_unknown_coinbase_flag_is_not_a_coinbase() -> None:
+    """A row whose ``is_coinbase`` is unknown (None) is read as an ordinary transaction: its fee rate counts
+    towards its block's 20 rates."""
+    other = _block(400)[100:141]
+    for r in other:
+        r["block_height"] = 1
+    rows = _block(20) + other
+    rows[0]["is_coinbase"] = None
+    frame = pd.DataFrame(rows)
+    assert frame["is_coinbase"].dtype == object
+    got = market_fee_rates(frame)
+    np.testing.assert_allclose(got, plain_market(rows), rtol=1e-12)
+    assert got[0] == pytest.approx(statistics.median(r["fee"] / r["vsize"] for r in rows[:20]))
+
+
+def test_any_positive_size_is_a_rate_and_zero_sizes_warn_nothing() -> None:
+    """A size of 1 vB gives a fee rate like any other; a zero size or unknown fee is no rate, decided without
+    NumPy's divide-by-zero warnings."""
+    rows = _block(20)
+    for r in rows:
+        r["vsize"] = 1
+    assert market_fee_rates(pd.DataFrame(rows))[0] == pytest.approx(statistics.median(r["fee"] for r in rows))
+    odd = _block(3)
+    odd[0]["vsize"] = 0
+    odd[1]["fee"] = None
+    odd[2].update(vsize=0, fee=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = market_fee_rates(pd.DataFrame(odd))
+    assert np.isnan(got).all()  # no row has a rate

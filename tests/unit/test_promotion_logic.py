@@ -7,6 +7,7 @@ Expected values are computed here by hand or straight from the model's own score
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -384,6 +385,18 @@ def test_evaluate_reads_rows_and_rates_from_the_bundle_when_untagged(small_bench
     assert by["anomaly_rate"].detail.startswith(shown)
     c = settings.iforest_contamination
     assert by["anomaly_rate"].passed == all(c / 2 <= r <= c * 2 for r in rates)
+    # A bundle that recorded its training numbers is judged on them: 1,234 rows and an off rate.
+    recorded = copy.copy(bundle)
+    recorded.info = {
+        **bundle.info,
+        "metrics": {"rows": 1234.0, "anomaly_rate_full": c, "anomaly_rate_structural": c * 3},
+    }
+    by = {ch.name: ch for ch in promotion.evaluate(settings, recorded, {}, None)[0]}
+    assert (by["min_train_rows"].value, by["min_train_rows"].detail) == (
+        1234,
+        "trained on 1,234 rows (minimum 0)",
+    )
+    assert not by["anomaly_rate"].passed and by["anomaly_rate"].value == pytest.approx(c * 3)
 
 
 def test_a_benchmark_that_cannot_be_read_refuses_with_the_error(
@@ -690,6 +703,8 @@ def test_a_slimmed_event_that_fits_keeps_its_whole_reason() -> None:
     exact = _padded(big, 5000, slim=True)
     assert len(_dumps(exact)) > 5000
     assert json.loads(promotion._compact(exact)) == _slim(exact)
+    over = _padded(big, 5001, slim=True)  # one character more: the reason is cut to fit
+    assert len(promotion._compact(over)) <= 5000
 
 
 def test_values_json_cannot_encode_are_text_in_slimmed_and_shortened_events() -> None:
