@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import itertools
 import json
 import shutil
 import tempfile
@@ -60,9 +61,30 @@ def scored_sample() -> tuple[pd.DataFrame, pa.Table]:
     return score_frame(frame, fit_model(frame, settings), settings=settings), canonical  # type: ignore[arg-type]
 
 
-def build_lake(root: Path, rows: int, scored: pd.DataFrame, canonical: pa.Table, now: dt.datetime) -> None:
-    """``rows`` scored rows and their transactions, in ``CHUNK``s (module doc: how they are made)."""
-    from deltalake import write_deltalake
+LAYOUTS = ("compacted", "appended")
+
+
+def _chunks(rows: int, start_us: int, span_us: int, layout: str) -> list[tuple[int, int]]:
+    """Row ranges written as one file each: a UTC day (``compacted``: one file per day, as the stream's
+    compaction leaves it) or ``CHUNK`` rows (``appended``: the layout before clustering)."""
+    if layout == "appended":
+        return [(lo, min(lo + CHUNK, rows)) for lo in range(0, rows, CHUNK)]
+    seen_us = start_us + (np.arange(rows, dtype=np.int64) * span_us) // rows
+    cuts = np.flatnonzero(np.diff(seen_us // 86_400_000_000)) + 1
+    edges = [0, *cuts.tolist(), rows]
+    return list(itertools.pairwise(edges))
+
+
+def build_lake(
+    root: Path,
+    rows: int,
+    scored: pd.DataFrame,
+    canonical: pa.Table,
+    now: dt.datetime,
+    layout: str = "compacted",
+) -> None:
+    """``rows`` scored rows and their transactions (module doc: how they are made), in ``layout``."""
+    from deltalake import WriterProperties, write_deltalake
 
     from btc_anomaly.dashboard.demo import scored_table
 
@@ -74,8 +96,15 @@ def build_lake(root: Path, rows: int, scored: pd.DataFrame, canonical: pa.Table,
     span_us = int(rows / RATE * 1e6)
     start_us = int(now.timestamp() * 1e6) - span_us
     rng = np.random.default_rng(0)
-    for lo in range(0, rows, CHUNK):
-        n = min(CHUNK, rows - lo)
+    compacted = layout == "compacted"
+    # What sinks.compact writes: row groups of Settings.lake_row_group_rows, scored rows clustered.
+    properties = (
+        WriterProperties(max_row_group_size=Settings().lake_row_group_rows, compression="SNAPPY")
+        if compacted
+        else None
+    )
+    for lo, hi in _chunks(rows, start_us, span_us, layout):
+        n = hi - lo
         pick = pa.array(rng.integers(0, len(base), n))
         number = pc.utf8_lpad(pa.array(np.arange(lo, lo + n)).cast(pa.string()), 8, "0")
         hashes = pc.binary_join_element_wise(
@@ -89,11 +118,15 @@ def build_lake(root: Path, rows: int, scored: pd.DataFrame, canonical: pa.Table,
         s = s.set_column(s.schema.get_field_index("first_seen"), "first_seen", first_seen)
         scored_at = pa.array(seen_us + 1_000_000, pa.int64()).cast(ts)
         s = s.set_column(s.schema.get_field_index("scored_at"), "scored_at", scored_at)
+        s = s.append_column(tables.DATE_COLUMN, date)
+        if compacted:
+            s = s.sort_by(tables.CLUSTERING[tables.SCORED])
         write_deltalake(
             str(root / tables.SCORED),
-            s.append_column(tables.DATE_COLUMN, date),
+            s,
             mode="append",
             partition_by=[tables.DATE_COLUMN],
+            writer_properties=properties,
         )
         t = tx_base.take(pick)
         t = t.set_column(t.schema.get_field_index("hash"), "hash", hashes)
@@ -104,6 +137,7 @@ def build_lake(root: Path, rows: int, scored: pd.DataFrame, canonical: pa.Table,
             t.cast(tables.transactions_schema()),
             mode="append",
             partition_by=[tables.DATE_COLUMN],
+            writer_properties=properties,
         )
         del s, t
         gc.collect()
@@ -147,18 +181,24 @@ def naive_address(path: Path, address: str) -> int:
 
 
 def run_size(
-    rows: int, scored: pd.DataFrame, canonical: pa.Table, requests: int, naive_requests: int
+    rows: int,
+    scored: pd.DataFrame,
+    canonical: pa.Table,
+    requests: int,
+    naive_requests: int,
+    layout: str = "compacted",
 ) -> list[dict[str, Any]]:
+    """The four cases on a lake of ``rows`` in ``layout``, and the naive reads (``naive_requests`` > 0)."""
     from fastapi.testclient import TestClient
 
     from btc_anomaly.api.app import create_app
-    from btc_anomaly.processing.delta_reader import read_arrow
+    from btc_anomaly.processing.delta_reader import read_arrow, row_groups_read
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-lake-"))
     try:
         now = dt.datetime.now(dt.UTC)
         t0 = time.perf_counter()
-        build_lake(tmp, rows, scored, canonical, now)
+        build_lake(tmp, rows, scored, canonical, now, layout)
         build_s = time.perf_counter() - t0
         settings = Settings(
             state_dir=tmp / "state",
@@ -198,15 +238,23 @@ def run_size(
                         "days": round(days, 1),
                         "case": case,
                         "target": "bounded",
+                        "layout": layout,
                         "p50_ms": _pct(times, 50),
                         "p95_ms": _pct(times, 95),
                         "n": len(times),
                     }
                 )
+        # Row groups /anomalies' choosing read scans: the window's, less those statistics skip.
+        window = {"since": now - dt.timedelta(hours=settings.api_lake_window_h), "until": now}
+        read, _ = row_groups_read(tmp / tables.SCORED, **window, filters=[("is_anomaly", "=", True)])
+        in_window, _ = row_groups_read(tmp / tables.SCORED, **window)
+        out[0]["row_groups"] = f"{read}/{in_window}"
         for case, fn in (
             ("/anomalies", lambda: naive_anomalies(tmp / tables.SCORED)),
             ("/addresses/{a}", lambda: naive_address(tmp / tables.TRANSACTIONS, address)),
         ):
+            if naive_requests <= 0:
+                break
             times = _times_ms(fn, naive_requests)
             out.append(
                 {
@@ -214,6 +262,7 @@ def run_size(
                     "days": round(days, 1),
                     "case": case,
                     "target": "naive whole table",
+                    "layout": layout,
                     "p50_ms": _pct(times, 50),
                     "p95_ms": _pct(times, 95),
                     "n": len(times),
@@ -226,7 +275,7 @@ def run_size(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-SIZES = (1_000_000, 10_000_000)
+SIZES = (1_000_000, 4_000_000, 10_000_000)
 
 
 def main(
@@ -234,8 +283,10 @@ def main(
     requests: int = 30,
     naive_requests: int = 3,
     scored: pd.DataFrame | None = None,
+    layouts: tuple[str, ...] | list[str] = ("compacted",),
 ) -> list[dict[str, Any]]:
-    """``scored``: the sample already scored (a caller that has it saves fitting a detector)."""
+    """``scored``: the sample already scored (a caller that has it saves fitting a detector). The naive
+    reads run on the first layout only (they read every row whatever the layout)."""
     from btc_anomaly.dashboard.demo import sample_transactions
 
     if scored is None:
@@ -244,16 +295,20 @@ def main(
         canonical = sample_transactions()
     results: list[dict[str, Any]] = []
     for rows in sizes:
-        results += run_size(rows, scored, canonical, requests, naive_requests)
-        for r in results[-6:]:
-            print(json.dumps(r), flush=True)
+        for i, layout in enumerate(layouts):
+            batch = run_size(rows, scored, canonical, requests, naive_requests if i == 0 else 0, layout)
+            for r in batch:
+                print(json.dumps(r), flush=True)
+            results += batch
     _report(results)
     return results
 
 
 def _report(results: list[dict[str, Any]]) -> None:
-    print("\n| rows | history | case | bounded p50 / p95 ms | naive p95 ms | naive / bounded |")
-    print("|---:|---:|---|---:|---:|---:|")
+    print(
+        "\n| rows | history | layout | case | bounded p50 / p95 ms | naive p95 ms | naive / bounded (p95) |"
+    )
+    print("|---:|---:|---|---|---:|---:|---:|")
     for r in results:
         if r["target"] != "bounded":
             continue
@@ -267,9 +322,10 @@ def _report(results: list[dict[str, Any]]) -> None:
         )
         ratio = f"{naive['p95_ms'] / r['p95_ms']:.0f}x" if naive else ""
         naive_ms = f"{naive['p95_ms']:,.0f}" if naive else ""
+        groups = f" (row groups {r['row_groups']})" if "row_groups" in r else ""
         print(
-            f"| {r['rows']:,} | {r['days']} d | `{r['case']}` | {r['p50_ms']:,.0f} / {r['p95_ms']:,.0f} | "
-            f"{naive_ms} | {ratio} |"
+            f"| {r['rows']:,} | {r['days']} d | {r['layout']} | `{r['case']}`{groups} | "
+            f"{r['p50_ms']:,.0f} / {r['p95_ms']:,.0f} | {naive_ms} | {ratio} |"
         )
 
 
@@ -278,5 +334,10 @@ if __name__ == "__main__":
     parser.add_argument("--rows", default=",".join(map(str, SIZES)), help="comma-separated lake sizes")
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--naive-requests", type=int, default=3)
+    parser.add_argument(
+        "--layouts",
+        default="compacted",
+        help=f"comma-separated, of {', '.join(LAYOUTS)}: compacted = what the stream's compaction leaves",
+    )
     a = parser.parse_args()
-    main([int(x) for x in a.rows.split(",")], a.requests, a.naive_requests)
+    main([int(x) for x in a.rows.split(",")], a.requests, a.naive_requests, layouts=a.layouts.split(","))

@@ -270,6 +270,13 @@ class Settings(BaseSettings):
         description="After this many micro-batches that wrote rows, the transactions query compacts the "
         "date partitions they wrote (Delta OPTIMIZE of the files under 16 MB, between two batches; 0 = never).",
     )
+    lake_row_group_rows: int = Field(
+        16_384,
+        ge=1_024,
+        description="Rows per Parquet row group in the files the stream's compaction writes. Readers skip row "
+        "groups by their statistics: `scored_transactions` is compacted clustered (anomalies first, then by "
+        "first_seen), so `GET /anomalies` reads a day's anomaly row group(s), not the whole day.",
+    )
     lake_vacuum_retention_h: float = Field(
         168.0,
         ge=0,

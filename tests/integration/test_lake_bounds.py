@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from fastapi.testclient import TestClient
@@ -207,25 +208,67 @@ def _two_days(table: pa.Table) -> pa.Table:
     return table.filter(keep).combine_chunks()
 
 
-def test_compaction_and_vacuum_keep_the_content_exact(
+def test_compaction_clusters_anomalies_and_vacuum_keeps_the_content_exact(
     spark: Any, scored: pd.DataFrame, tmp_path: Path
 ) -> None:
-    path = tmp_path / tables.SCORED
+    """Compaction rewrites each day as one file, anomalies first, in small row groups with statistics:
+    /anomalies then reads the anomalies' row groups only (Parquet statistics on a boolean, Spark-written),
+    and every lake endpoint answers exactly as before. VACUUM then deletes only the replaced files."""
+    root = tmp_path / "lake"
+    path = root / tables.SCORED
     # Two busy days in eight small appends (a 1 s trigger's files): enough to compact, small for Spark.
     days = _two_days(_partitioned(scored))
     for batch in days.to_batches(max_chunksize=len(days) // 8 + 1):
         write_deltalake(
             str(path), pa.Table.from_batches([batch]), mode="append", partition_by=[tables.DATE_COLUMN]
         )
-    before = _keys(path)
-    files = len(_live(path))
-    assert compact(spark, str(path), None) > 0
-    assert len(_live(path)) < files
-    assert _keys(path) == before
+    write_transactions(root, [r for r in RECORDS if r["first_seen"][:10] in ("2021-07-23", "2017-08-24")])
+    day = {"since": DAY.isoformat(), "until": (DAY + dt.timedelta(days=1)).isoformat(), "limit": 1000}
+    record = next(
+        r for r in RECORDS if r["first_seen"].startswith("2021-07-23") and r["outputs"][0]["address"]
+    )
+    urls = [
+        ("/anomalies", day),
+        ("/anomalies", {**day, "min_score": 0.6, "limit": 7}),
+        ("/anomalies", {**day, "rule": "excessive_fee_share"}),
+        ("/anomalies", {**day, "severity": "high"}),
+        (f"/transactions/{record['hash']}", day),
+        (f"/addresses/{record['outputs'][0]['address']}", day),
+    ]
+
+    def answers() -> list[Any]:
+        window = {"api_lake_window_h": WINDOW_H, "api_lake_max_window_h": MAX_WINDOW_H}
+        with in_process_api(root, tmp_path / "state", watchlist_dir=LABELS, allowed_hosts="*", **window) as c:
+            return [c.get(url, params=params).json() for url, params in urls]
+
+    before, keys, files = answers(), _keys(path), len(_live(path))
+    assert any(item["is_anomaly"] for item in before[0]["items"])
+    assert compact(spark, str(path), None, row_group_rows=64) == files
+    assert _keys(path) == keys
+    assert answers() == before
+
+    # One file per day: anomalies first, then by first_seen, in row groups of 64 rows with statistics.
+    live = [path / f for f in _live(path)]
+    assert len(live) == 2
+    for file in live:
+        t = pq.read_table(file, columns=["is_anomaly", "first_seen"])
+        flags = t["is_anomaly"].to_pylist()
+        assert flags == sorted(flags, reverse=True) and 0 < sum(flags) < len(flags)
+        meta = pq.ParquetFile(file).metadata
+        assert max(meta.row_group(i).num_rows for i in range(meta.num_row_groups)) <= 64
+        group = meta.row_group(meta.num_row_groups - 1)
+        seen = next(c for c in map(group.column, range(meta.num_columns)) if c.path_in_schema == "first_seen")
+        assert seen.statistics is not None and seen.statistics.has_min_max  # not INT96: skipped in time
+    anomalies = [("is_anomaly", "=", True)]
+    read, total = delta_reader.row_groups_read(path, filters=anomalies)
+    n_anomalies = int(pc.sum(days["is_anomaly"]).as_py())
+    assert read <= n_anomalies // 64 + 2 < total  # the anomalies' groups, one shared with normal rows a day
+    assert delta_reader.read_arrow(path, columns=["hash"], filters=anomalies).num_rows == n_anomalies
+
     assert len(_data_files_on_disk(path)) > len(_live(path))  # replaced files stay
     assert vacuum(str(path), 0.0)
     assert _data_files_on_disk(path) == _live(path)  # only the live files are left
-    assert _keys(path) == before
+    assert _keys(path) == keys
     assert vacuum(str(tmp_path / "absent"), 0.0) is None
 
 

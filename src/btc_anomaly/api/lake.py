@@ -7,7 +7,12 @@ Every read goes through the project's Delta reader (``processing.delta_reader.re
   a replayed or stalled lake still shows its latest rows); wider than ``Settings.api_lake_max_window_h``
   is refused (``WindowTooWide``, a 422). The window prunes ``date`` partitions and files by statistics;
 * column projection in two steps: the rows are chosen on a few narrow columns (hash, times, scores,
-  the filter columns), and only the chosen rows are read whole, from the files of their own time range.
+  the filter columns), and only the chosen rows are read whole, from the files of their own time range;
+* row-group skipping: both steps hand their filters to the scan, which skips Parquet row groups by their
+  statistics. The stream's compaction writes each day of ``scored_transactions`` anomalies first, in small
+  row groups (``tables.CLUSTERING``, ``Settings.lake_row_group_rows``), so ``is_anomaly = true`` reads a
+  day's anomaly row group(s) instead of the day. Files not compacted that way (an older lake, the newest
+  appends) are read whole, with the same answers.
 
 ``/anomalies`` can also select by the detectors' columns (severity, a rule id, a watchlist name), and
 ``/addresses/{address}`` finds an address's transactions in the ``transactions`` table (flattened input and
@@ -178,13 +183,18 @@ class ScoredTable:
         key = "risk_score" if by_risk else "anomaly_score"
         order = [(key, "descending"), ("hash", "ascending")]
         chosen = table.take(pc.select_k_unstable(table, limit, sort_keys=order))
-        rows = self._whole_rows(chosen)
+        rows = self._whole_rows(chosen, filters)
         return [_jsonable(r) for r in rows.sort_by(order).to_pylist()]
 
-    def _whole_rows(self, chosen: pa.Table) -> pa.Table:
-        """All columns of the ``chosen`` scorings (hash + scored_at), read from their own time range."""
+    def _whole_rows(self, chosen: pa.Table, filters: list[Filter]) -> pa.Table:
+        """All columns of the ``chosen`` scorings (hash + scored_at), read from their own time range. The
+        ``filters`` they were chosen by hold for them too: with them, row groups without a chosen row are
+        skipped by their statistics (is_anomaly: a compacted day's anomalies sit in their own row groups)."""
         table = self._read(
-            self.path, [("hash", "in", chosen["hash"].to_pylist())], _span(chosen), self._row_columns()
+            self.path,
+            [("hash", "in", chosen["hash"].to_pylist()), *filters],
+            _span(chosen),
+            self._row_columns(),
         )
         if table is None:
             return chosen.slice(0, 0)

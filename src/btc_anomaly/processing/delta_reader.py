@@ -24,6 +24,11 @@ schema says ``string_view``, so one table mixes them. Two things here make that 
   type, and has no kernel comparing ``string`` with ``string_view`` ("Function 'greater_equal' has no kernel
   matching input types (string, string_view)"). Whole files are still skipped by the Delta log's
   statistics (``file_pruning_predicate``), so only row-group skipping on string columns is given up.
+
+Row groups are skipped by their Parquet statistics for every other filter, booleans included
+(:func:`_without_log_stats`): the stream's compaction writes ``scored_transactions`` clustered
+(``tables.CLUSTERING``) in row groups of ``Settings.lake_row_group_rows``, so ``is_anomaly = true`` reads
+the anomalies' row groups only.
 """
 
 from __future__ import annotations
@@ -177,27 +182,59 @@ def read_arrow(
     from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
-    filters = list(filters or [])
-    for _, op, _ in filters:
-        if op not in _OPS:
-            raise ValueError(f"unsupported filter operator {op!r}; use one of {sorted(_OPS)}")
-    start = _utc(since) if since is not None else None
-    end = _utc(until) if until is not None else None
+    _check(filters)
     if table is None:
         try:
             table = DeltaTable(str(path))
         except TableNotFoundError:
             return empty_table(path, columns, schema)
+    dataset, predicate = _scan(table, since, until, filters, time_column)
+    return dataset.to_table(columns=list(columns) if columns is not None else None, filter=predicate)
+
+
+def row_groups_read(
+    path: str | os.PathLike[str],
+    since: dt.datetime | str | None = None,
+    until: dt.datetime | str | None = None,
+    filters: Sequence[Filter] | None = None,
+    time_column: str = "first_seen",
+) -> tuple[int, int]:
+    """(row groups a ``read_arrow`` with these bounds reads, row groups of the table): what the Delta
+    log's file statistics and the Parquet row-group statistics skip, without reading any data."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(path))
+    total = sum(f.num_row_groups for f in table.to_pyarrow_dataset().get_fragments())
+    dataset, predicate = _scan(table, since, until, filters, time_column)
+    if predicate is None:
+        return sum(f.num_row_groups for f in dataset.get_fragments()), total
+    read = sum(
+        len(f.split_by_row_group(predicate, schema=dataset.schema)) for f in dataset.get_fragments(predicate)
+    )
+    return read, total
+
+
+def _scan(
+    table: DeltaTable,
+    since: dt.datetime | str | None,
+    until: dt.datetime | str | None,
+    filters: Sequence[Filter] | None,
+    time_column: str,
+) -> tuple[ds.FileSystemDataset, ds.Expression | None]:
+    """The dataset of the files a read may need (Delta log pruning) and the predicate of its scan."""
+    filters = _check(filters)
+    start = _utc(since) if since is not None else None
+    end = _utc(until) if until is not None else None
     plain = plain_schema(pa.schema(table.schema().to_arrow()))
     types = {f.name: f.type for f in plain}
-    # delta-rs gives every file a partition expression built from its Delta statistics; Spark records no
-    # min/max for booleans, so a Spark-written file gets `col >= null and col <= null`, and pyarrow then
-    # drops every file for any filter on a boolean column (is_anomaly). Those are applied after the scan.
-    late = [f for f in filters if types.get(f[0]) is not None and pa.types.is_boolean(types[f[0]])]
-    filters = [f for f in filters if f not in late]
-    pruning = _pruning(table.metadata().partition_columns, filters, time_column, start, end)
+    partition_columns = table.metadata().partition_columns
+    booleans = [f for f in filters if types.get(f[0]) is not None and pa.types.is_boolean(types[f[0]])]
+    # Whole files are pruned by the Delta log's statistics, except on booleans (see _without_log_stats).
+    pruning = _pruning(partition_columns, [f for f in filters if f not in booleans], time_column, start, end)
     # The dataset's schema is the plain one: pyarrow converts each file's columns to it while scanning.
     dataset = table.to_pyarrow_dataset(file_pruning_predicate=pruning or None, schema=plain)
+    if booleans:
+        dataset = _without_log_stats(dataset, table, partition_columns)
     types = {f.name: f.type for f in dataset.schema}
     conditions = [_expression(c, op, v, types.get(c)) for c, op, v in filters]
     if start is not None:
@@ -207,16 +244,49 @@ def read_arrow(
     predicate = None
     for c in conditions:
         predicate = c if predicate is None else predicate & c
-    if not late:
-        return dataset.to_table(columns=list(columns) if columns is not None else None, filter=predicate)
-    wanted = list(columns) if columns is not None else dataset.schema.names
-    extra = [c for c, _, _ in late if c not in wanted]
-    result = dataset.to_table(columns=wanted + extra, filter=predicate)
-    late_predicate = None
-    for c, op, v in late:
-        cond = _expression(c, op, v, types.get(c))
-        late_predicate = cond if late_predicate is None else late_predicate & cond
-    return result.filter(late_predicate).select(wanted)
+    return dataset, predicate
+
+
+def _check(filters: Sequence[Filter] | None) -> list[Filter]:
+    checked = list(filters or [])
+    for _, op, _ in checked:
+        if op not in _OPS:
+            raise ValueError(f"unsupported filter operator {op!r}; use one of {sorted(_OPS)}")
+    return checked
+
+
+def _without_log_stats(
+    dataset: ds.FileSystemDataset, table: DeltaTable, partition_columns: Sequence[str]
+) -> ds.FileSystemDataset:
+    """``dataset``'s files with only their partition values as guarantees, for a filter on a boolean.
+
+    delta-rs gives every file a guarantee built from its Delta log statistics, and Spark records no
+    min/max for booleans: a Spark-written file gets ``col >= null and col <= null``, so pyarrow would drop
+    every file for any filter on a boolean column (is_anomaly). Without those guarantees the filter is
+    still tested against each Parquet row group's own statistics, which do hold booleans: row groups
+    without a matching value (the stream's compaction clusters is_anomaly, sinks.compact) are skipped.
+    """
+    values: dict[str, ds.Expression] = {}
+    if partition_columns:
+        actions = pa.table(table.get_add_actions(flatten=True))
+        types = {f.name: f.type for f in dataset.schema}
+        paths = actions["path"].to_pylist()
+        for column in partition_columns:
+            name = f"partition.{column}"
+            if name not in actions.column_names:
+                continue
+            for path, value in zip(paths, actions[name].to_pylist(), strict=True):
+                cond = (
+                    ds.field(column).is_null()
+                    if value is None
+                    else ds.field(column) == pa.scalar(value, type=types.get(column))
+                )
+                values[path] = cond if path not in values else values[path] & cond
+    fragments = [
+        f.format.make_fragment(f.path, f.filesystem, partition_expression=values.get(f.path, ds.scalar(True)))
+        for f in dataset.get_fragments()
+    ]
+    return ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
 
 def read_table(
@@ -269,5 +339,6 @@ __all__ = [
     "plain_type",
     "read_arrow",
     "read_table",
+    "row_groups_read",
     "table_version",
 ]

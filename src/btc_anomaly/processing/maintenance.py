@@ -1,7 +1,9 @@
 """Upkeep of the lake's Delta tables: compaction of the partitions a writer touched, and VACUUM.
 
-* ``Compactor`` bin-packs the small files of the ``date`` partitions one streaming query wrote, every
-  ``every`` batches that wrote (``transactions``, ``scored_transactions``). A 1 s trigger adds a file
+* ``Compactor`` compacts the ``date`` partitions one streaming query wrote, every ``every`` batches that
+  wrote (``transactions``, ``scored_transactions``): ``sinks.compact`` bin-packs the small files, or
+  rewrites the partitions clustered (``tables.CLUSTERING``: ``scored_transactions``, anomalies first), in
+  row groups of ``Settings.lake_row_group_rows`` that readers skip by their statistics. A 1 s trigger adds a file
   per batch, and every reader, index load and MERGE opens the files of the partitions it reads, so they
   must not pile up. It runs in the query's own batch handler, between two batches: it never competes
   with the query's commits, and the batch that trips it is not slowed by a rewrite inside its own
@@ -120,6 +122,7 @@ class Compactor:
     path: str
     every: int
     vacuum: Vacuum | None = None
+    row_group_rows: int | None = None  # None: Settings.lake_row_group_rows (sinks.compact)
     since: dt.date | None = None  # oldest partition written since the last compaction
     batches: int = 0  # batches that wrote since the last compaction
     name: str = field(init=False)
@@ -139,7 +142,7 @@ class Compactor:
             return
         started = time.perf_counter()
         try:
-            replaced = compact(spark, self.path, self.since)
+            replaced = compact(spark, self.path, self.since, self.row_group_rows)
         except Exception:
             # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
             STREAM_MAINTENANCE_FAILURES.labels(table=self.name, op="compact").inc()

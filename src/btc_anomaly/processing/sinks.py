@@ -411,17 +411,80 @@ def date_scope(since: dt.date | None, before: dt.date | None = None, prefix: str
     return " AND ".join(bounds) or "TRUE"
 
 
-def compact(spark: SparkSession, path: str, since: dt.date | None) -> int:
-    """Bin-pack the small files of a table's date partitions from ``since`` on (all when None);
-    returns the number of files it replaced. A compaction changes no data (``dataChange=false``): the
-    change feed readers skip it, and Delta's readers keep their snapshot."""
+def compact(spark: SparkSession, path: str, since: dt.date | None, row_group_rows: int | None = None) -> int:
+    """Compact a table's date partitions from ``since`` on (all when None); returns the number of files it
+    replaced. A compaction changes no data (``dataChange=false``): the change feed readers skip it, and
+    Delta's readers keep their snapshot.
+
+    Files are written in row groups of ``row_group_rows`` rows (``Settings.lake_row_group_rows`` when
+    None) with microsecond timestamps (Parquet statistics: Spark's default INT96 has none), so readers skip
+    row groups by their statistics. A table with a clustering (``tables.CLUSTERING``) has its partitions
+    rewritten whole, one sorted file per partition; the others are bin-packed (Delta OPTIMIZE of the files
+    under ``spark.databricks.delta.optimize.minFileSize``)."""
     from delta.tables import DeltaTable
 
-    optimize = DeltaTable.forPath(spark, path).optimize()
-    if since is not None:
-        optimize = optimize.where(date_scope(since))
-    metrics = optimize.executeCompaction().first()
+    rows = row_group_rows if row_group_rows is not None else Settings().lake_row_group_rows
+    order = tables.CLUSTERING.get(Path(path).name)
+    with _parquet_layout(spark, rows):
+        if order is not None:
+            return _rewrite_clustered(spark, path, since, order)
+        optimize = DeltaTable.forPath(spark, path).optimize()
+        if since is not None:
+            optimize = optimize.where(date_scope(since))
+        metrics = optimize.executeCompaction().first()
     return int(metrics["metrics"]["numFilesRemoved"]) if metrics is not None else 0
+
+
+# The Parquet writer settings of a compaction, on the writing query's own session (Structured Streaming
+# runs each query on a clone of the session, so the other queries' writes keep theirs).
+_PARQUET_ROW_GROUP_ROWS = "parquet.block.row.count.limit"
+_PARQUET_TIMESTAMP = "spark.sql.parquet.outputTimestampType"
+
+
+@contextmanager
+def _parquet_layout(spark: SparkSession, row_group_rows: int) -> Iterator[None]:
+    before = {k: spark.conf.get(k, None) for k in (_PARQUET_ROW_GROUP_ROWS, _PARQUET_TIMESTAMP)}
+    spark.conf.set(_PARQUET_ROW_GROUP_ROWS, str(row_group_rows))
+    spark.conf.set(_PARQUET_TIMESTAMP, "TIMESTAMP_MICROS")
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
+
+
+def _rewrite_clustered(
+    spark: SparkSession, path: str, since: dt.date | None, order: list[tuple[str, str]]
+) -> int:
+    """Rewrite the partitions from ``since`` on as one file each, rows in ``order`` (dataChange=false)."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    partitions = list(DeltaTable.forPath(spark, path).detail().first()["partitionColumns"])
+    scope = date_scope(since) if since is not None and tables.DATE_COLUMN in partitions else None
+    frame = spark.read.format("delta").load(path)
+    if scope is not None:
+        frame = frame.where(scope)
+    replaced = len(frame.inputFiles())
+    if replaced == 0:
+        return 0
+    keys = [
+        F.col(c).desc_nulls_last() if direction == "descending" else F.col(c).asc_nulls_last()
+        for c, direction in order
+        if c in frame.columns
+    ]
+    if partitions:
+        frame = frame.repartition(*partitions).sortWithinPartitions(*partitions, *keys)
+    else:
+        frame = frame.coalesce(1).sortWithinPartitions(*keys)
+    writer = frame.write.format("delta").mode("overwrite").option("dataChange", "false")
+    if scope is not None:
+        writer = writer.option("replaceWhere", scope)
+    writer.partitionBy(*partitions).save(path)
+    return replaced
 
 
 def quarantine_frame(parsed: DataFrame) -> DataFrame:

@@ -25,6 +25,13 @@ DATE_COLUMN = "date"
 PARTITION_COLUMNS: dict[str, list[str]] = {TRANSACTIONS: [DATE_COLUMN], SCORED: [DATE_COLUMN]}
 # The timestamp each partition column is derived from (partition pruning for time-range reads).
 PARTITION_SOURCE: dict[str, str] = {DATE_COLUMN: "first_seen"}
+# Row order of the files the stream's compaction writes (sinks.compact), as (column, "ascending" |
+# "descending"), in row groups of Settings.lake_row_group_rows: readers skip row groups by their
+# statistics. `scored_transactions`: the forest's anomalies (~1 %) first, so /anomalies reads their row
+# group(s) only, then by first_seen, so a point or range in time reads its own row groups only.
+CLUSTERING: dict[str, list[tuple[str, str]]] = {
+    SCORED: [("is_anomaly", "descending"), ("first_seen", "ascending")],
+}
 
 _TS = pa.timestamp("us", tz="UTC")
 
