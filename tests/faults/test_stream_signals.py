@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
+from btc_anomaly.processing.stream import STATS_QUERY, TX_QUERY, StreamRunner
 from helpers.stream import create_topic, kill_stream, looped_records, publish, start_stream, wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,3 +64,15 @@ def test_ctrl_c_then_sigterm_stops_the_stream_cleanly(fault_settings: Settings, 
     assert not traces, "stack traces in the stream's output:\n" + "\n".join(traces[:20])
     assert "signal 2: stopping the queries" in text
     assert "signal 15: already stopping" in text
+
+
+def test_a_stop_during_start_up_starts_no_query(spark: object, fault_settings: Settings) -> None:
+    """Ctrl-C while the stream still starts (its JVM, its tables: a minute on a busy machine): it starts
+    no query, so it needs nothing of Kafka, which stops at the same time, and exits (it did start them,
+    and hung on the gone broker until SIGKILLed). The session's Spark, no stream process of its own."""
+    stop = threading.Event()
+    stop.set()
+    runner = StreamRunner(fault_settings, spark, stop_event=stop)  # type: ignore[arg-type]
+    runner.run_forever()
+    started = [q for q in (TX_QUERY, STATS_QUERY) if Path(runner.lake.checkpoint(q)).exists()]
+    assert not started, f"queries started after the stop: {started}"

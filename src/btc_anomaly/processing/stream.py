@@ -412,6 +412,9 @@ class StreamRunner:
         """Drain what Kafka holds now into the lake, then return (tests, backfills, batch jobs).
 
         ``scoring``: also score the new rows (None = when enabled in Settings and a champion exists)."""
+        if self.stop_event.is_set():
+            log.info("stopped before the queries started")
+            return
         self._await(
             start_transactions_query(
                 self.spark,
@@ -465,11 +468,18 @@ class StreamRunner:
                 self.spark, self.settings, self.lake, stopping=self.stopping
             ),
         }
-        queries = {name: starters[name]() for name in (TX_QUERY, STATS_QUERY)}
+        queries: dict[str, StreamingQuery] = {}
         failures = dict.fromkeys(starters, 0)
         restart_at: dict[str, float] = {}
         next_champion_check = 0.0
         try:
+            for name in (TX_QUERY, STATS_QUERY):
+                # A stop asked for while the stream was starting (Ctrl-C during the JVM's start-up)
+                # starts no more queries: none would be of use, and Kafka may be stopping too.
+                if self.stop_event.is_set():
+                    log.info("stopped before the %s query started", name)
+                    break
+                queries[name] = starters[name]()
             while not self.stop_event.is_set():
                 self.stop_event.wait(1.0)
                 if (
@@ -521,6 +531,9 @@ def run_stream(
     spark = build_session(settings)
     listener = install_listener(spark, settings.stream_metrics_port)
     try:
+        if stop is not None and stop.is_set():  # signalled while the JVM started: not even the tables
+            log.info("stopped before the queries started")
+            return
         runner = StreamRunner(settings, spark, stop_event=stop or threading.Event())
         log.info(
             "streaming %s @ %s into %s (checkpoints %s)",
