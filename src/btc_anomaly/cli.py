@@ -74,7 +74,7 @@ def _run_in_foreground(proc: ManagedProcess, timeout_s: float, ready: str) -> No
         while proc.running and not signals:
             if watch is not None and time.monotonic() >= next_sample:
                 watch.sample()
-                next_sample = time.monotonic() + 2.0
+                next_sample = time.monotonic() + watch.every_s
             time.sleep(0.25)
         if not signals:
             raise SystemExit(f"{proc.name} exited; see {proc.log_path}")

@@ -120,6 +120,9 @@ class ClientWatch:
 
     port: int
     remember_s: float = 300.0
+    # A sample reads every process' descriptors (~20-100 ms): each few seconds is enough for clients
+    # that keep a connection a few seconds (MLflow's server closes idle ones after 5 s) and come back.
+    every_s: float = 5.0
     seen: dict[int, float] = field(default_factory=dict)
     # Only the stack's own processes count: those under the supervisor that started this one (the
     # grandparent: honcho runs each command from a child of its own), not e.g. a browser on the UI.
