@@ -11,7 +11,6 @@ import copy
 import gzip
 import json
 import math
-import os
 import shutil
 import tempfile
 from functools import lru_cache
@@ -31,13 +30,6 @@ from btc_anomaly.model.reference import canary_transactions, reference_transacti
 from helpers.detectors import fitted_bundle
 
 NAME = "btc-tx-iforest"
-
-# `make mutation` only: mutmut's fork server collects the tests with MUTANT_UNDER_TEST set to "" (no mutant)
-# and forks one process per mutant from it. Fitting the sample bundle here, once, with the unmutated code,
-# saves every mutant that reaches a bundle test the 7 s refit (a mutant still runs in every scoring call
-# the tests make). Plain pytest runs never set the variable.
-if os.environ.get("MUTANT_UNDER_TEST") == "":
-    fitted_bundle()
 
 
 # --- the benchmark check: floor and tolerance at their exact limits -----------------------------------------
