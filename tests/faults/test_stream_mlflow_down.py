@@ -173,7 +173,7 @@ def test_mlflow_down_while_scoring_and_a_1mb_record_end_to_end(
                     or _metrics(port).get(SCORING_FAILURES, 0) >= 1
                     or not alive()
                 ),
-                120,
+                180,  # under MLflow's default retries one re-check of a worker alone took about 250 s
                 interval_s=2,
                 what="scoring going on with the loaded champion, or failing, while MLflow is down",
             )

@@ -17,11 +17,12 @@ transaction identifier (query id + batch id), so a batch replayed after a crash 
 New columns of ``scored_arrow_schema()`` (a newer release) are added to the table (schema merge).
 
 A registry outage does not stop scoring: each worker keeps the champion it loaded (a worker without
-one fails its batch, and the runner restarts the query until the registry answers). The workers get the
-driver's MLflow client limits (``worker_mlflow_env``), so a re-check fails in milliseconds instead of
-holding the batch in MLflow's default retries (about four minutes per check). The driver checks the
-alias on the same schedule (``watch_registry``): failures in a row are the metric
-``btc_stream_registry_consecutive_failures`` and the alert BtcStreamRegistryUnreachable.
+one fails its batch, and the runner restarts the query until the registry answers). The workers inherit
+the process' MLflow client limits (``stream.registry_fails_fast``, set before the JVM starts), so a
+re-check fails fast instead of holding the batch in MLflow's default retries (about four minutes). The
+workers say so only in their log: the driver checks the alias on the same schedule (``watch_registry``),
+and failures in a row are the metric ``btc_stream_registry_consecutive_failures`` and the alert
+BtcStreamRegistryUnreachable.
 
 Without a champion (fresh install, before the first training) the query is not started; the runner
 checks the alias every ``model_reload_s`` and starts it once a champion exists. It then begins with a
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,22 +83,6 @@ def champion_exists(settings: Settings) -> bool:
     except Exception as exc:  # MLflow down or not yet up: not an error of the stream
         log.info("cannot reach the model registry at %s (%s)", settings.mlflow_tracking_uri, exc)
         return False
-
-
-# MLflow's client reads these per request; StreamRunner sets them in the driver (an outage fails fast).
-MLFLOW_CLIENT_ENV = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-
-
-def worker_mlflow_env(spark: SparkSession) -> dict[str, str]:
-    """Give Spark's Python workers the driver's MLflow client limits; returns what it set.
-
-    The workers inherit the environment of the JVM, which starts before StreamRunner sets the limits;
-    without them a worker's alias re-check sits in MLflow's default retries (7, with backoff: about four
-    minutes) while the registry is down, and the scoring batch with it. ``SparkContext.environment`` is
-    what PySpark hands each Python function's workers, read when the function is planned."""
-    passed = {name: os.environ[name] for name in MLFLOW_CLIENT_ENV if name in os.environ}
-    spark.sparkContext.environment.update(passed)
-    return passed
 
 
 def watch_registry(settings: Settings, query: StreamingQuery, stopping: threading.Event) -> threading.Thread:
@@ -233,7 +217,6 @@ def start_scoring_query(
     from btc_anomaly.processing.sinks import inserted_transactions, streaming_query_id
     from btc_anomaly.processing.stream import interruptible, trigger_options
 
-    worker_mlflow_env(spark)  # before mapInPandas plans the scorer
     scorer = map_in_pandas_scorer(
         settings.mlflow_tracking_uri,
         settings.model_name,
