@@ -21,12 +21,14 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from prometheus_client import REGISTRY
 
 from btc_anomaly.config import PROJECT_ROOT, Settings
 from btc_anomaly.ingestion.producer import TxProducer
 from btc_anomaly.ingestion.records import Encoded
 from btc_anomaly.ingestion.replay_source import ReplaySource, loop_hash
 from btc_anomaly.processing import delta_reader
+from btc_anomaly.processing.scoring_query import champion_exists
 from btc_anomaly.runtime.kafka_broker import free_port
 from btc_anomaly.schema import Transaction
 from helpers.api_server import in_process_api
@@ -219,3 +221,25 @@ def test_mlflow_down_while_scoring_and_a_1mb_record_end_to_end(
         assert page.status_code == 200, page.text
         scores = {item["hash"]: item["anomaly_score"] for item in page.json()["items"]}
         assert scores.get(big.hash) == tx["anomaly_score"]
+
+
+def test_a_stream_waiting_for_a_champion_counts_registry_failures(
+    champion_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before its scoring query runs, the stream asks for a champion every model_reload_s
+    (``champion_exists``): an unreachable registry counts in the same gauge as the query's checks."""
+    # The stream's fail-fast MLflow client limits (stream.registry_fails_fast), for this test only.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+    def failures() -> float | None:
+        return REGISTRY.get_sample_value(REGISTRY_FAILURES)
+
+    with proxy_to(champion_settings.mlflow_tracking_uri) as proxy:
+        s = champion_settings.model_copy(update={"mlflow_tracking_uri": proxy.url})
+        assert champion_exists(s) and failures() == 0
+        proxy.cut()
+        assert not champion_exists(s) and not champion_exists(s)
+        assert failures() == 2
+        proxy.restore()
+        assert champion_exists(s) and failures() == 0

@@ -173,8 +173,9 @@ STREAM_PREDICTIONS = Counter(
 )
 STREAM_REGISTRY_FAILURES = Gauge(
     "btc_stream_registry_consecutive_failures",
-    "Checks of the champion alias by the stream's scoring query (every model_reload_s) that failed in a row: "
-    "the model registry is unreachable; 0 after a check that succeeded. Scoring goes on with the loaded champion.",
+    "Checks of the champion alias by the stream (every model_reload_s: the scoring query's, or the wait for a "
+    "first champion) that failed in a row: the model registry is unreachable; 0 after one that succeeded. A "
+    "running scoring query goes on with the champion it loaded.",
 )
 
 

@@ -75,14 +75,21 @@ NOTIFY_MAX_PER_BATCH = 200
 
 
 def champion_exists(settings: Settings) -> bool:
-    """Does the registry have a champion now? False when MLflow is unreachable (try again later)."""
+    """Does the registry have a champion now? False when MLflow is unreachable (try again later).
+
+    The runner asks every ``model_reload_s`` until the scoring query runs: a failure counts in
+    ``STREAM_REGISTRY_FAILURES`` like the query's own checks (``watch_registry``), so a stream that
+    cannot score because the registry stays down raises the same alert."""
     from btc_anomaly.model.registry import version_by_alias
 
     try:
-        return version_by_alias(settings, CHAMPION) is not None
+        found = version_by_alias(settings, CHAMPION) is not None
     except Exception as exc:  # MLflow down or not yet up: not an error of the stream
+        STREAM_REGISTRY_FAILURES.inc()
         log.info("cannot reach the model registry at %s (%s)", settings.mlflow_tracking_uri, exc)
         return False
+    STREAM_REGISTRY_FAILURES.set(0)
+    return found
 
 
 def watch_registry(settings: Settings, query: StreamingQuery, stopping: threading.Event) -> threading.Thread:
