@@ -59,6 +59,10 @@ EQUIVALENT: dict[str, str] = {
         for n in (15, 16, 17, 18, 23, 24, 25, 26)
     },
     **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _TO_NUMPY for n in (3, 5, 11, 13)},
+    "btc_anomaly.features.x_market_fee_rates__mutmut_39": (
+        "to_numpy(dtype=bool) -> to_numpy(): pandas 2.x downcasts the filled is_coinbase column to bool "
+        "(with a FutureWarning), so the mask is the same bool array"
+    ),
     "btc_anomaly.features.x_market_fee_rates__mutmut_38": (
         "'= np.nan' -> '= None' on a float64 array: NumPy stores None as NaN"
     ),
