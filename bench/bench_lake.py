@@ -64,12 +64,19 @@ def scored_sample() -> tuple[pd.DataFrame, pa.Table]:
 LAYOUTS = ("compacted", "appended")
 
 
+def _seen_us(i: np.ndarray, rows: int, start_us: int, span_us: int) -> np.ndarray:
+    """first_seen (µs) of rows ``i``: evenly spread over ``span_us``; split so that ``i * span_us`` never
+    overflows int64 (10M rows x 30 days of µs would)."""
+    q, r = divmod(span_us, rows)
+    return start_us + i * q + (i * r) // rows
+
+
 def _chunks(rows: int, start_us: int, span_us: int, layout: str) -> list[tuple[int, int]]:
     """Row ranges written as one file each: a UTC day (``compacted``: one file per day, as the stream's
     compaction leaves it) or ``CHUNK`` rows (``appended``: the layout before clustering)."""
     if layout == "appended":
         return [(lo, min(lo + CHUNK, rows)) for lo in range(0, rows, CHUNK)]
-    seen_us = start_us + (np.arange(rows, dtype=np.int64) * span_us) // rows
+    seen_us = _seen_us(np.arange(rows, dtype=np.int64), rows, start_us, span_us)
     cuts = np.flatnonzero(np.diff(seen_us // 86_400_000_000)) + 1
     edges = [0, *cuts.tolist(), rows]
     return list(itertools.pairwise(edges))
@@ -110,7 +117,7 @@ def build_lake(
         hashes = pc.binary_join_element_wise(
             pc.utf8_slice_codeunits(base["hash"].take(pick), 0, 56), number, ""
         )
-        seen_us = start_us + (np.arange(lo, lo + n, dtype=np.int64) * span_us) // rows
+        seen_us = _seen_us(np.arange(lo, lo + n, dtype=np.int64), rows, start_us, span_us)
         first_seen = pa.array(seen_us, pa.int64()).cast(ts)
         date = pc.cast(first_seen, pa.date32())
         s = base.take(pick)
