@@ -66,9 +66,9 @@ $(JARS)/.resolved: jvm/pom.xml jvm/settings.xml
 	$(MVN) -Pspark dependency:copy-dependencies
 	touch $@
 
-test: setup  ## lint, unit and integration tests (installs what it needs first)
+test: setup  ## lint + the whole suite in two parallel lanes (installs what it needs first; TEST_LANES=1: one)
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/pytest $(PYTEST_ARGS)
+	bash scripts/test_lanes.sh $(BIN) $(PYTEST_ARGS)
 
 unit: venv  ## unit tests only (seconds)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
