@@ -1,6 +1,6 @@
 """Streaming scoring for real: broker → Spark → Delta → champion from a real MLflow → scored_transactions.
 
-Every distinct transaction is scored exactly once with the scores ``score_frame`` gives the API path;
+Every distinct transaction is scored exactly once with the scores `POST /predict` gives;
 a promotion reaches the running stream without a restart; anomalies reach the webhook notifier; and
 features computed in Spark's Python workers equal the trainer's and the API's (the third feature path).
 """
@@ -25,7 +25,7 @@ from btc_anomaly.config import Settings
 from btc_anomaly.features import compute_features
 from btc_anomaly.model.promotion import promote
 from btc_anomaly.model.registry import load_version
-from btc_anomaly.model.scoring import ChampionModel, score_frame
+from btc_anomaly.model.scoring import ChampionModel
 from btc_anomaly.model.train import train
 from btc_anomaly.monitoring.notifier import Notifier, set_notifier
 from btc_anomaly.processing import delta_reader, tables
@@ -71,6 +71,23 @@ def _scored(settings: Settings) -> pd.DataFrame:
 
 def _frame(lines: list[bytes]) -> pd.DataFrame:
     return pd.DataFrame([Transaction.from_json(line).model_dump() for line in lines])
+
+
+def _api_predictions(model: ChampionModel, lines: list[bytes], tmp_path: Path) -> pd.DataFrame:
+    """`POST /predict` answers for these canonical transactions, served ``model`` (indexed by hash)."""
+    from btc_anomaly.api.model_holder import Served
+    from helpers.api_server import in_process_api
+
+    rows: list[dict[str, Any]] = []
+    with in_process_api(tmp_path / "api-lake", tmp_path / "api-state") as client:
+        client.app.state.ctx.holder.install(Served(model))
+        for start in range(0, len(lines), 500):
+            body = b"[" + b",".join(lines[start : start + 500]) + b"]"
+            answer = client.post("/predict", content=body, headers={"Content-Type": "application/json"})
+            assert answer.status_code == 200, answer.text
+            rows.extend(answer.json())
+    assert {r["model"]["version"] for r in rows} == {model.version}
+    return pd.DataFrame(rows).set_index("hash")
 
 
 def test_stream_scores_every_transaction_once_and_follows_the_champion(
@@ -144,17 +161,19 @@ def test_stream_scores_every_transaction_once_and_follows_the_champion(
     assert set(by_hash.loc[hashes[:FIRST], "model_version"]) == {v1}
     assert set(by_hash.loc[hashes[FIRST:], "model_version"]) == {v2}
 
-    # The stream's scores are the API path's scores (same features, same compiled forests).
+    # The stream's scores are those `POST /predict` gives for the same transactions and version: the API
+    # parses JSON into its own columnar batch and calls the scoring core itself, without ``score_frame``.
     for version, part in ((v1, lines[:FIRST]), (v2, lines[FIRST:])):
         loaded = load_version(settings, version)
         model = ChampionModel(loaded.bundle, loaded.name, loaded.version, loaded.run_id)
-        expected = score_frame(_frame(part), model, settings=settings).set_index("hash")
+        expected = _api_predictions(model, part, tmp_path)
         got = by_hash.loc[expected.index]
         np.testing.assert_allclose(got["anomaly_score"], expected["anomaly_score"], rtol=0, atol=1e-12)
         assert (got["is_anomaly"] == expected["is_anomaly"]).all()
         anomalous = expected.index[expected["is_anomaly"]]
-        assert [list(r) for r in got.loc[anomalous, "reasons"]] == [
-            list(r) for r in expected.loc[anomalous, "reasons"]
+        assert len(anomalous) > 0
+        assert [list(r) for r in got.loc[anomalous, "top_features"]] == [
+            [r["feature"] for r in reasons] for reasons in expected.loc[anomalous, "reasons"]
         ]
     assert by_hash["is_anomaly"].any()
 
