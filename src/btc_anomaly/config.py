@@ -267,8 +267,10 @@ class Settings(BaseSettings):
     )
     stream_compact_every: int = Field(
         100,
-        description="After this many micro-batches that wrote rows, the transactions query compacts the "
-        "date partitions they wrote (Delta OPTIMIZE of the files under 16 MB, between two batches; 0 = never).",
+        description="After this many micro-batches that wrote rows, the transactions and scoring queries "
+        "compact the date partitions they wrote, between two batches (0 = never): Delta OPTIMIZE of the "
+        "files under 16 MB for `transactions`, a sorted rewrite of each partition for `scored_transactions` "
+        "(anomalies first, see lake_row_group_rows).",
     )
     lake_row_group_rows: int = Field(
         16_384,
