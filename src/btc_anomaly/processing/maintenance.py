@@ -142,7 +142,9 @@ class Compactor:
             return
         started = time.perf_counter()
         try:
-            replaced = compact(spark, self.path, self.since, self.row_group_rows)
+            # The row-group size only when set: compact's own default is the Settings one.
+            extra = {} if self.row_group_rows is None else {"row_group_rows": self.row_group_rows}
+            replaced = compact(spark, self.path, self.since, **extra)
         except Exception:
             # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
             STREAM_MAINTENANCE_FAILURES.labels(table=self.name, op="compact").inc()
