@@ -243,7 +243,8 @@ def start_scoring_query(
     )
     path = lake.table(SCORED)
     ensure_partitioned(spark, path)
-    compactor = Compactor(path, settings.stream_compact_every)  # the transactions query VACUUMs
+    # The transactions query VACUUMs every table.
+    compactor = Compactor(path, settings.stream_compact_every, row_group_rows=settings.lake_row_group_rows)
 
     def handle(batch: DataFrame, batch_id: int) -> None:
         written = write_scored(

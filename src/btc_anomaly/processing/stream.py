@@ -123,7 +123,10 @@ def start_transactions_query(
     # This query's handler also VACUUMs every table of the stream: it runs from the first record on,
     # with or without a champion (the scoring query waits for one).
     compactor = Compactor(
-        lake.table(TRANSACTIONS), settings.stream_compact_every, Vacuum.for_stream(settings, lake)
+        lake.table(TRANSACTIONS),
+        settings.stream_compact_every,
+        Vacuum.for_stream(settings, lake),
+        row_group_rows=settings.lake_row_group_rows,
     )
     # One index per query run: it is loaded from the table by the run's first batch (stored_hashes.py).
     stored = StoredHashes()
