@@ -32,7 +32,7 @@ from btc_anomaly.processing.scoring_query import champion_exists
 from btc_anomaly.runtime.kafka_broker import free_port
 from btc_anomaly.schema import Transaction
 from helpers.api_server import in_process_api
-from helpers.stream import SAMPLE, kill_stream, start_stream, wait_for
+from helpers.stream import SAMPLE, kill_stream, start_stream, stream_process_settings, wait_for
 from helpers.tcp_proxy import proxy_to
 
 pytestmark = pytest.mark.integration
@@ -125,19 +125,14 @@ def test_mlflow_down_while_scoring_and_a_1mb_record_end_to_end(
     port = free_port()
     log = tmp_path / "stream.log"
     with proxy_to(champion_settings.mlflow_tracking_uri) as proxy:
-        s = kafka_settings.model_copy(
-            update={
-                "lake_root": tmp_path / "lake",
-                "spark_master": "local[2]",
-                "spark_driver_memory": "1g",
-                "stream_trigger_s": 0.0,
-                "stream_stats_trigger_s": 2.0,
-                "stream_score_trigger_s": 0.0,
-                "stream_metrics_port": port,
-                "mlflow_tracking_uri": proxy.url,
-                "model_name": champion_settings.model_name,
-                "model_reload_s": 1.0,
-            }
+        s = stream_process_settings(
+            kafka_settings,
+            tmp_path / "lake",
+            stream_score_trigger_s=0.0,
+            stream_metrics_port=port,
+            mlflow_tracking_uri=proxy.url,
+            model_name=champion_settings.model_name,
+            model_reload_s=1.0,
         )
         producer = TxProducer(s)  # the producer's own client: the 1 MB record takes the product's path
         proc = start_stream(s, log)

@@ -13,23 +13,22 @@ import pytest
 from btc_anomaly.config import Settings
 from btc_anomaly.processing import delta_reader
 from btc_anomaly.processing.stream import STATS_QUERY, TX_QUERY, StreamRunner
-from helpers.stream import create_topic, kill_stream, looped_records, publish, start_stream, wait_for
+from helpers.stream import (
+    create_topic,
+    kill_stream,
+    looped_records,
+    publish,
+    start_stream,
+    stream_process_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def fault_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
-    return kafka_settings.model_copy(
-        update={
-            "lake_root": tmp_path / "lake",
-            "spark_master": "local[2]",
-            "spark_driver_memory": "1g",
-            "stream_trigger_s": 0.0,
-            "stream_stats_trigger_s": 2.0,
-            "stream_metrics_port": 0,
-        }
-    )
+    return stream_process_settings(kafka_settings, tmp_path / "lake")
 
 
 def _version(settings: Settings) -> int:

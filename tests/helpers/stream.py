@@ -204,6 +204,20 @@ def stream_env(settings: Settings, **extra: object) -> dict[str, str]:
     return env
 
 
+def stream_process_settings(base: Settings, lake_root: Path, **changes: object) -> Settings:
+    """``base`` for a `btc-anomaly stream` process of a test: its own lake, a small local Spark, batches
+    back to back, windows every 2 s, its metrics on a free port; ``changes`` on top."""
+    update: dict[str, object] = {
+        "lake_root": lake_root,
+        "spark_master": "local[2]",
+        "spark_driver_memory": "1g",
+        "stream_trigger_s": 0.0,
+        "stream_stats_trigger_s": 2.0,
+        "stream_metrics_port": 0,
+    }
+    return base.model_copy(update=update | changes)
+
+
 def start_stream(settings: Settings, log: Path, *args: str, **extra: object) -> subprocess.Popen[bytes]:
     """`btc-anomaly stream` in its own process group (so kill -9 takes its JVM down with it)."""
     out = log.open("ab")

@@ -26,6 +26,7 @@ from helpers.stream import (
     looped_records,
     producer,
     start_stream,
+    stream_process_settings,
     wait_for,
 )
 
@@ -71,17 +72,7 @@ def _assert_exactly_once(settings: Settings, expected: set[str]) -> None:
 
 @pytest.fixture
 def fault_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
-    return kafka_settings.model_copy(
-        update={
-            "lake_root": tmp_path / "lake",
-            "spark_master": "local[2]",
-            "spark_driver_memory": "1g",
-            "stream_max_offsets_per_trigger": 10_000,
-            "stream_trigger_s": 0.0,
-            "stream_stats_trigger_s": 2.0,
-            "stream_metrics_port": 0,
-        }
-    )
+    return stream_process_settings(kafka_settings, tmp_path / "lake", stream_max_offsets_per_trigger=10_000)
 
 
 def _scored_version(settings: Settings) -> int:
