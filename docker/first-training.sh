@@ -5,6 +5,27 @@
 # champion, and exits 0 -- the API and the scheduled trainer wait for that.
 set -u
 retry_s=${FIRST_TRAINING_RETRY_S:-20}
+# A stop (docker's SIGTERM to PID 1, which a shell otherwise ignores; honcho's SIGTERM; Ctrl-C) goes to
+# the running child, whose own handler ends its MLflow run, and the script exits 128 + signal.
+child=0
+stop() {
+  if [ "$child" -ne 0 ]; then
+    kill -s "$1" "$child" 2>/dev/null
+    wait "$child"
+  fi
+  exit "$2"
+}
+trap 'stop TERM 143' TERM
+trap 'stop INT 130' INT
+# Runs "$@" in the background and waits, so the traps run while it works.
+run() {
+  "$@" &
+  child=$!
+  wait "$child"
+  rc=$?
+  child=0
+  return "$rc"
+}
 # Rows in the table vs the gate's minimum; exit 0 when there are enough (prints the count either way).
 enough_rows() {
   python - <<'PY'
@@ -42,11 +63,12 @@ print(f"first-training: champion is {s.model_name} version {v.version}")
 PY
 }
 while :; do
-  if enough_rows; then
-    if btc-anomaly train --by first-training && has_champion; then
+  if run enough_rows; then
+    if run btc-anomaly train --by first-training && run has_champion; then
       exit 0
     fi
     echo "first-training: no champion yet; retrying in ${retry_s}s"
   fi
-  sleep "$retry_s"
+  run sleep "$retry_s"
 done
+

@@ -278,7 +278,7 @@ def train(
     by: Annotated[str | None, typer.Option(help="Who is training (recorded); default user@host.")] = None,
 ) -> None:
     """Train on the transactions Delta table, log to MLflow, register a challenger, run the promotion gate."""
-    from btc_anomaly.model.train import run_every_until_signalled
+    from btc_anomaly.model.train import run_until_signalled
     from btc_anomaly.model.train import train as run_train
 
     _logging()
@@ -309,12 +309,15 @@ def train(
         return result
 
     if every is None:
-        once()
+        # Stopped by a signal: the shell's 128 + signal, so a script's `train && ...` goes no further.
+        stopped = run_until_signalled(once)
+        if stopped is not None:
+            raise typer.Exit(128 + stopped)
         return
     from btc_anomaly.monitoring import trainer as trainer_metrics
 
     trainer_metrics.serve(s)
-    run_every_until_signalled(every, trainer_metrics.scheduled(s, once))
+    run_until_signalled(trainer_metrics.scheduled(s, once), every)
 
 
 @app.command()

@@ -561,29 +561,33 @@ def run_every(every: str, fn: Any, *, stop: Any = None) -> None:
 
 
 class TrainingStopped(BaseException):
-    """A scheduled training cut short by SIGTERM/SIGINT (a BaseException, so no ``except Exception``
+    """A training cut short by SIGTERM/SIGINT (a BaseException, so no ``except Exception``
     on the way takes it for a failed run)."""
 
 
-def run_every_until_signalled(every: str, fn: Any) -> None:
-    """`btc-anomaly train --every`: ``run_every`` until SIGTERM or SIGINT.
+def run_until_signalled(fn: Any, every: str | None = None) -> int | None:
+    """`btc-anomaly train`: ``fn()`` once (``every`` None) or ``run_every`` until SIGTERM or SIGINT;
+    returns the signal that stopped it, None when it was not stopped.
 
     A signal between runs ends the loop. A signal during a run cuts it short (TrainingStopped through
-    it: MLflow marks its run FAILED on the way out) rather than let it go on for minutes against a
-    registry that stops too (`make demo`'s Ctrl-C stops every process at once); from then on MLflow
-    calls fail fast instead of retrying. Nothing is lost: the next start trains on the lake again."""
+    it: MLflow marks its run FAILED on the way out, instead of leaving it RUNNING as a process killed by
+    the default handler does) rather than let it go on for minutes against a registry that stops too
+    (`make demo`'s Ctrl-C stops every process at once); from then on MLflow calls fail fast instead of
+    retrying. Nothing is lost: the next start trains on the lake again."""
     import os
     import signal
     import threading
 
     stop = threading.Event()
     in_run = [False]
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         if stop.is_set():
             log.info("signal %d: already stopping", signum)
             return
         stop.set()
+        received.append(signum)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
         log.info("signal %d: stopping%s", signum, " the running training" if in_run[0] else "")
@@ -606,8 +610,12 @@ def run_every_until_signalled(every: str, fn: Any) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        run_every(every, guarded, stop=stop)
+        if every is None:
+            guarded()
+        else:
+            run_every(every, guarded, stop=stop)
     except TrainingStopped:
         log.info(
             "training stopped before it finished (its MLflow run is marked FAILED); the next run retrains"
         )
+    return received[0] if received else None
