@@ -134,96 +134,112 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(rho) if not math.isnan(rho) else 0.0
 
 
+def rows_check(rows: int, minimum: int) -> Check:
+    """``min_train_rows``: the version was trained on at least ``minimum`` transactions."""
+    return Check(
+        "min_train_rows",
+        rows >= minimum,
+        rows,
+        f">= {minimum}",
+        f"trained on {rows:,} rows (minimum {minimum:,})",
+    )
+
+
+def anomaly_rate_check(rates: dict[str, float], contamination: float, tolerance: float) -> Check:
+    """``anomaly_rate``: each forest's flag share of its training window (``KINDS`` → rate) within
+    ``[contamination / tolerance, contamination * tolerance]``; the value is the rate farthest from the
+    contamination, on either side."""
+    lo, hi = contamination / tolerance, contamination * tolerance
+    bad = {k: r for k, r in rates.items() if not (lo <= r <= hi)}  # NaN is outside too
+    shown = ", ".join(f"{k} {r:.4f}" for k, r in rates.items())
+    return Check(
+        "anomaly_rate",
+        not bad,
+        max(rates.values(), key=lambda r: abs(r - contamination)),
+        f"[{lo:.4f}, {hi:.4f}]",
+        shown + (f" outside [{lo:.4f}, {hi:.4f}]" if bad else f" within [{lo:.4f}, {hi:.4f}]"),
+    )
+
+
+def reference_check(scores: np.ndarray, flags: np.ndarray, max_flag_rate: float) -> Check:
+    """``reference_stability``: every reference score finite and in (0, 1], at most ``max_flag_rate`` of
+    the reference transactions flagged."""
+    flag_rate = float(flags.mean())
+    in_range = bool(np.isfinite(scores).all() and (scores > 0).all() and (scores <= 1).all())
+    return Check(
+        "reference_stability",
+        in_range and flag_rate <= max_flag_rate,
+        flag_rate,
+        f"<= {max_flag_rate}",
+        f"{flag_rate:.1%} of {len(scores)} reference transactions flagged (max {max_flag_rate:.1%})"
+        + ("" if in_range else "; scores out of (0, 1]"),
+    )
+
+
+def agreement_check(rho: float | None, min_rank_corr: float) -> Check:
+    """``champion_agreement``: Spearman ``rho`` of the two models' reference scores (None: no champion)."""
+    if rho is None:
+        return Check("champion_agreement", True, None, "n/a", "no champion yet")
+    return Check(
+        "champion_agreement",
+        rho >= min_rank_corr,
+        rho,
+        f">= {min_rank_corr}",
+        f"Spearman {rho:.3f} with the champion on the reference set (min {min_rank_corr})",
+    )
+
+
+def canary_check(hashes: list[str], flags: np.ndarray, min_flagged: float) -> Check:
+    """``canaries``: at least ``min_flagged`` of the canaries (``hashes``, in order with ``flags``) flagged."""
+    share = float(flags.mean()) if len(flags) else 0.0
+    missed = [h[:12] for h, f in zip(hashes, flags, strict=True) if not f]
+    return Check(
+        "canaries",
+        share >= min_flagged,
+        share,
+        f">= {min_flagged}",
+        f"{int(flags.sum())}/{len(flags)} canaries flagged"
+        + (f" (missed {', '.join(missed)})" if missed else ""),
+    )
+
+
 def evaluate(
     settings: Settings,
     bundle: ModelBundle,
     tags: dict[str, str],
     champion: ModelBundle | None,
 ) -> tuple[list[Check], dict[str, float]]:
-    """Run every check on a challenger bundle; also return the numbers measured on the way."""
-    checks: list[Check] = []
-    metrics: dict[str, float] = {}
+    """Run every check on a challenger bundle; also return the numbers measured on the way.
+
+    Training numbers come from the version's ``train.*`` tags, else from the bundle's own ``info``."""
     info_metrics = bundle.info.get("metrics", {})
-
     rows = int(float(tags.get("train.rows", info_metrics.get("rows", 0))))
-    checks.append(
-        Check(
-            "min_train_rows",
-            rows >= settings.gate_min_train_rows,
-            rows,
-            f">= {settings.gate_min_train_rows}",
-            f"trained on {rows:,} rows (minimum {settings.gate_min_train_rows:,})",
-        )
-    )
-
-    c = float(tags.get("train.contamination", settings.iforest_contamination))
-    lo, hi = c / settings.gate_rate_tolerance, c * settings.gate_rate_tolerance
+    contamination = float(tags.get("train.contamination", settings.iforest_contamination))
     rates = {
         k: float(tags.get(f"train.anomaly_rate_{k}", info_metrics.get(f"anomaly_rate_{k}", math.nan)))
         for k in KINDS
     }
-    bad = {k: r for k, r in rates.items() if not (lo <= r <= hi)}
-    checks.append(
-        Check(
-            "anomaly_rate",
-            not bad,
-            max(rates.values(), key=lambda r: abs(r - c)),
-            f"[{lo:.4f}, {hi:.4f}]",
-            ", ".join(f"{k} {r:.4f}" for k, r in rates.items())
-            + (f" outside [{lo:.4f}, {hi:.4f}]" if bad else f" within [{lo:.4f}, {hi:.4f}]"),
-        )
-    )
-
     ref_scores, ref_flags = _reference_scores(bundle)
-    flag_rate = float(ref_flags.mean())
-    finite = bool(np.isfinite(ref_scores).all() and (ref_scores > 0).all() and (ref_scores <= 1).all())
-    metrics["reference_flag_rate"] = flag_rate
-    metrics["reference_score_median"] = float(np.median(ref_scores))
-    checks.append(
-        Check(
-            "reference_stability",
-            finite and flag_rate <= settings.gate_reference_max_flag_rate,
-            flag_rate,
-            f"<= {settings.gate_reference_max_flag_rate}",
-            f"{flag_rate:.1%} of {len(ref_scores)} reference transactions flagged "
-            f"(max {settings.gate_reference_max_flag_rate:.1%})"
-            + ("" if finite else "; scores out of (0, 1]"),
-        )
-    )
-
-    if champion is None:
-        checks.append(Check("champion_agreement", True, None, "n/a", "no champion yet"))
-    else:
-        champ_scores, _ = _reference_scores(champion)
-        rho = _spearman(ref_scores, champ_scores)
-        metrics["champion_rank_corr"] = rho
-        checks.append(
-            Check(
-                "champion_agreement",
-                rho >= settings.gate_min_rank_corr,
-                rho,
-                f">= {settings.gate_min_rank_corr}",
-                f"Spearman {rho:.3f} with the champion on the reference set (min {settings.gate_min_rank_corr})",
-            )
-        )
-
+    reference = reference_check(ref_scores, ref_flags, settings.gate_reference_max_flag_rate)
+    metrics: dict[str, Any] = {  # the checks' values are floats here
+        "reference_flag_rate": reference.value,
+        "reference_score_median": float(np.median(ref_scores)),
+    }
+    rho = None
+    if champion is not None:
+        rho = metrics["champion_rank_corr"] = _spearman(ref_scores, _reference_scores(champion)[0])
     canaries = canary_transactions()
-    scored = bundle.score_features(compute_features(canaries))
-    flagged = scored["is_anomaly"].to_numpy()
-    share = float(flagged.mean()) if len(flagged) else 0.0
-    missed = [h[:12] for h, f in zip(canaries["hash"], flagged, strict=True) if not f]
-    metrics["canary_flagged_share"] = share
-    checks.append(
-        Check(
-            "canaries",
-            share >= settings.gate_canary_min_flagged,
-            share,
-            f">= {settings.gate_canary_min_flagged}",
-            f"{int(flagged.sum())}/{len(flagged)} canaries flagged"
-            + (f" (missed {', '.join(missed)})" if missed else ""),
-        )
-    )
-    checks.append(_benchmark(settings, bundle, champion, metrics))
+    canary_flags = bundle.score_features(compute_features(canaries))["is_anomaly"].to_numpy()
+    canary = canary_check(list(canaries["hash"]), canary_flags, settings.gate_canary_min_flagged)
+    metrics["canary_flagged_share"] = canary.value
+    checks = [
+        rows_check(rows, settings.gate_min_train_rows),
+        anomaly_rate_check(rates, contamination, settings.gate_rate_tolerance),
+        reference,
+        agreement_check(rho, settings.gate_min_rank_corr),
+        canary,
+        _benchmark(settings, bundle, champion, metrics),
+    ]
     return checks, metrics
 
 
@@ -502,10 +518,12 @@ def _compact(event: dict[str, Any]) -> str:
     )
     text = json.dumps(slim, separators=(",", ":"), default=str)
     # Then the reason is shortened: cutting the JSON itself would leave an event promotion_history
-    # cannot parse, and the decision would vanish from the history.
+    # cannot parse, and the decision would vanish from the history. Each pass cuts as many characters as
+    # the text is over (a character may take more than one in JSON, so a pass can cut more than needed):
+    # the second pass takes back the marker's own length, and a plain reason fills the 5000 exactly.
     reason = str(slim.get("reason", ""))
     while len(text) > 5000 and reason:
-        reason = reason[: max(0, len(reason) - (len(text) - 5000) - 1)]
+        reason = reason[: max(0, len(reason) - (len(text) - 5000))]
         slim["reason"] = reason + "…"
         text = json.dumps(slim, separators=(",", ":"), default=str)
     return text
