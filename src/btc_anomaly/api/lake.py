@@ -94,11 +94,13 @@ class ScoredTable:
         self.lake_dir = Path(settings.lake_dir)
         self.path = Path(settings.api_scored_table or settings.lake_table(tables.SCORED))
         self.transactions_path = Path(settings.lake_table(tables.TRANSACTIONS))
+        self.index_path = Path(settings.lake_table(tables.ADDRESS_INDEX))
         self.watchlist_dir = settings.watchlist_dir
         self.default_window = dt.timedelta(hours=settings.api_lake_window_h)
         self.max_window = dt.timedelta(hours=settings.api_lake_max_window_h)
         self._tables: dict[Path, tuple[Any, float, int, dt.datetime | None]] = {}
         self._lock = threading.Lock()
+        self._marks: dict[tuple[Path, int], dt.datetime | None] = {}
 
     # --- status ------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -255,46 +257,100 @@ class ScoredTable:
         }
 
     def _touching(self, address: str, window: Window) -> list[dict[str, Any]]:
-        table = self._read(
-            self.transactions_path, [], window, ["hash", "first_seen", "block_height", "inputs", "outputs"]
+        """The transactions in ``window`` that spend from or pay ``address``: hash, first_seen,
+        block_height, side (input, output, both) and the summed value of its inputs/outputs there.
+
+        ``address_index`` answers for the rows ingested up to its newest ``ingested_at`` (its high-water
+        mark): one row group per date file, by ``address_key`` (block heights: ``_indexed``).
+        The rows ingested since (``ingested_at`` >= the mark: the files appended since the last build,
+        pruned by their statistics) are scanned whole. A transaction both ways is counted once, from the
+        scan. Without an index (an older lake, before the stream's first compaction) the scan reads the
+        whole window: the same answer, slower."""
+        through = self._indexed_through()
+        tail = self._read(
+            self.transactions_path,
+            [] if through is None else [("ingested_at", ">=", through)],
+            window,
+            ["hash", "first_seen", "block_height", "inputs", "outputs"],
         )
-        if table is None:
-            return []
-        found: dict[int, dict[str, Any]] = {}
-        for side in ("inputs", "outputs"):
-            lists = table[side].combine_chunks()
-            flat = lists.flatten()
-            match = pc.fill_null(pc.equal(flat.field("address"), address), False)
-            idx = np.flatnonzero(match.to_numpy(zero_copy_only=False))
-            if not len(idx):
-                continue
-            parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)[idx]
-            values = flat.field("value").to_numpy(zero_copy_only=False)[idx]
-            for row, value in zip(parents.tolist(), values.tolist(), strict=True):
-                entry = found.setdefault(row, {"value": 0, "sides": set()})
-                entry["sides"].add(side[:-1])
-                if value == value and value is not None:  # inputs without prevouts have no value
-                    entry["value"] += int(value)
-        if not found:
-            return []
-        rows = sorted(found)
-        meta = table.select(["hash", "first_seen", "block_height"]).take(pa.array(rows)).to_pylist()
-        out = []
-        for row, m in zip(rows, meta, strict=True):
-            sides = found[row]["sides"]
-            out.append(
-                {**m, "side": "both" if len(sides) == 2 else next(iter(sides)), "value": found[row]["value"]}
+        found: dict[str, dict[str, Any]] = {}
+        if through is not None:
+            found = self._indexed(address, window)
+        if tail is not None and tail.num_rows:
+            matched = tables.address_rows(tail, address)
+            heights = tail.select(["hash", "block_height"]).filter(pc.is_in(tail["hash"], matched["hash"]))
+            height = dict(zip(heights["hash"].to_pylist(), heights["block_height"].to_pylist(), strict=True))
+            for r in matched.select(["hash", "first_seen", "side", "value"]).to_pylist():
+                found[r["hash"]] = {
+                    "hash": r["hash"],
+                    "first_seen": r["first_seen"],
+                    "block_height": height[r["hash"]],
+                    "side": r["side"],
+                    "value": r["value"],
+                }
+        return list(found.values())
+
+    def _indexed(self, address: str, window: Window) -> dict[str, dict[str, Any]]:
+        """``address``'s rows of ``address_index`` in ``window``, by hash, with their current block
+        heights: the index's, or for a transaction unconfirmed at the build, the one ``transactions``
+        holds now (a confirmation only ever sets a null block_height, sinks.merge_transactions)."""
+        rows = self._read(
+            self.index_path,
+            [("address_key", "=", tables.address_key(address))],
+            window,
+            ["address", "hash", "first_seen", "block_height", "side", "value"],
+        )
+        if rows is None or rows.num_rows == 0:
+            return {}
+        rows = rows.filter(pc.equal(rows["address"], address))
+        found = {
+            r["hash"]: r
+            for r in rows.select(["hash", "first_seen", "block_height", "side", "value"]).to_pylist()
+        }
+        pending = rows.filter(pc.is_null(rows["block_height"]))
+        if pending.num_rows:
+            # A point read per instant: transactions' row groups hold narrow first_seen ranges (ingest
+            # order, about first_seen order), so those without one of these instants are skipped.
+            current = self._read(
+                self.transactions_path,
+                [
+                    ("hash", "in", pending["hash"].to_pylist()),
+                    ("first_seen", "in", pending["first_seen"].to_pylist()),
+                ],
+                _span(pending),
+                ["hash", "block_height"],
             )
-        return list({r["hash"]: r for r in out}.values())  # one row per tx (MERGE keeps one copy anyway)
+            if current is not None:
+                for h, height in zip(
+                    current["hash"].to_pylist(), current["block_height"].to_pylist(), strict=True
+                ):
+                    found[h]["block_height"] = height
+        return found
+
+    def _indexed_through(self) -> dt.datetime | None:
+        """The address index's high-water mark: its newest ``ingested_at`` by the Delta log's statistics
+        (None without an index, or an empty one: then nothing is trusted to it)."""
+        if not _is_table(self.index_path):
+            return None
+        delta = self._delta(self.index_path)
+        key = (self.index_path, delta.version())
+        if key not in self._marks:
+            self._marks = {key: newest(delta, "ingested_at")}
+        return self._marks[key]
 
     def _scorings(self, touching: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Latest scoring of each transaction, read from the files of their first_seen range only."""
+        """Latest scoring of each transaction, read from the row groups of their first_seen instants."""
         if not touching:
             return {}
         seen = [r["first_seen"] for r in touching if r["first_seen"] is not None]
         span = Window(min(seen), max(seen) + _ONE_US) if len(seen) == len(touching) else None
         columns = [c for c in _ADDRESS_SCORED_COLUMNS if c in self._columns()]
-        table = self._read(self.path, [("hash", "in", [r["hash"] for r in touching])], span, columns)
+        filters: list[Filter] = [("hash", "in", [r["hash"] for r in touching])]
+        if span is not None:
+            # Scorings carry their transaction's first_seen: within each clustering section the rows are
+            # in first_seen order, so row groups without one of these instants are skipped.
+            filters.append(("first_seen", "in", seen))
+        table = self._read(self.path, filters, span, columns)
         if table is None or table.num_rows == 0:
             return {}
         return {r["hash"]: r for r in _latest_per_hash(table).to_pylist()}

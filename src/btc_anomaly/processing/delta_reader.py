@@ -192,6 +192,19 @@ def read_arrow(
     return dataset.to_table(columns=list(columns) if columns is not None else None, filter=predicate)
 
 
+def scan(
+    table: DeltaTable,
+    since: dt.datetime | str | None = None,
+    until: dt.datetime | str | None = None,
+    filters: Sequence[Filter] | None = None,
+    time_column: str = "first_seen",
+) -> tuple[ds.FileSystemDataset, ds.Expression | None]:
+    """What ``read_arrow`` reads, not read yet: the Arrow dataset of the files the bounds leave (the Delta
+    log's pruning done) and the predicate to scan it with. For a reader that scans the same files in
+    several reads without delta-rs in between (e.g. inside a delta-rs write, sinks.build_address_index)."""
+    return _scan(table, since, until, filters, time_column)
+
+
 def row_groups_read(
     path: str | os.PathLike[str],
     since: dt.datetime | str | None = None,
@@ -340,5 +353,6 @@ __all__ = [
     "read_arrow",
     "read_table",
     "row_groups_read",
+    "scan",
     "table_version",
 ]

@@ -3,9 +3,10 @@
 * ``Compactor`` compacts the ``date`` partitions one streaming query wrote, every ``every`` batches that
   wrote (``transactions``, ``scored_transactions``): ``sinks.compact`` bin-packs the small files, or
   rewrites the partitions clustered (``tables.CLUSTERING``: ``scored_transactions``, anomalies first), in
-  row groups of ``Settings.lake_row_group_rows`` that readers skip by their statistics. A 1 s trigger adds a file
-  per batch, and every reader, index load and MERGE opens the files of the partitions it reads, so they
-  must not pile up. It runs in the query's own batch handler, between two batches: it never competes
+  row groups of ``Settings.lake_row_group_rows`` that readers skip by their statistics; after compacting
+  ``transactions`` it rebuilds ``address_index`` for the same dates (``sinks.build_address_index``). A
+  1 s trigger adds a file per batch, and every reader, index load and MERGE opens the files of the
+  partitions it reads, so they must not pile up. It runs in the query's own batch handler, between two batches: it never competes
   with the query's commits, and the batch that trips it is not slowed by a rewrite inside its own
   commit (Delta's auto compaction, see sinks.TRANSACTIONS_PROPERTIES).
 * ``Vacuum`` deletes the data files that left a table (compacted, MERGEd, overwritten) more than
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from btc_anomaly.config import Settings
 from btc_anomaly.monitoring.metrics import STREAM_MAINTENANCE_FAILURES
-from btc_anomaly.processing.sinks import Lake, compact
+from btc_anomaly.processing.sinks import Lake, build_address_index, compact
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -55,11 +56,13 @@ class Vacuum:
             self.last = time.monotonic()
 
     @classmethod
-    def for_stream(cls, settings: Settings, lake: Lake) -> Vacuum:
+    def for_stream(cls, settings: Settings, lake: Lake, derived: Sequence[str] = ()) -> Vacuum:
+        """The stream's tables (``tables.STREAM_TABLES``) and the ``derived`` ones it keeps (its query
+        for transactions passes ``tables.INDEX_TABLES``)."""
         from btc_anomaly.processing.tables import STREAM_TABLES
 
         return cls(
-            [lake.table(name) for name in STREAM_TABLES],
+            [lake.table(name) for name in (*STREAM_TABLES, *derived)],
             settings.lake_vacuum_retention_h,
             settings.lake_vacuum_every_s,
         )
@@ -123,6 +126,9 @@ class Compactor:
     every: int
     vacuum: Vacuum | None = None
     row_group_rows: int | None = None  # None: Settings.lake_row_group_rows (sinks.compact)
+    # The address index derived from this table (transactions), rebuilt after each compaction for the
+    # same dates (sinks.build_address_index); None: none.
+    index: str | None = None
     since: dt.date | None = None  # oldest partition written since the last compaction
     batches: int = 0  # batches that wrote since the last compaction
     name: str = field(init=False)
@@ -141,14 +147,21 @@ class Compactor:
         if self.every <= 0 or self.since is None or self.batches < self.every:
             return
         started = time.perf_counter()
+        step = (self.name, "compact")
         try:
             # The row-group size only when set: compact's own default is the Settings one.
             extra = {} if self.row_group_rows is None else {"row_group_rows": self.row_group_rows}
             replaced = compact(spark, self.path, self.since, **extra)
+            if self.index is not None:
+                step = (Path(self.index).name, "index")
+                indexed = build_address_index(self.path, self.index, self.since, self.row_group_rows)
+                log.info("rebuilt %s from %s: %d rows", step[0], self.since, indexed)
         except Exception:
-            # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more.
-            STREAM_MAINTENANCE_FAILURES.labels(table=self.name, op="compact").inc()
-            log.exception("compaction of %s from %s failed", self.name, self.since)
+            # Maintenance only: the batch is written, so the stream goes on; retried after ``every`` more,
+            # from the same ``since`` (the index then still covers every date written since its last build).
+            STREAM_MAINTENANCE_FAILURES.labels(table=step[0], op=step[1]).inc()
+            what = "compaction" if step[1] == "compact" else "index build"
+            log.exception("%s of %s from %s failed", what, step[0], self.since)
             self.batches = 0
             return
         log.info(

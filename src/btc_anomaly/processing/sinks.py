@@ -487,6 +487,80 @@ def _rewrite_clustered(
     return replaced
 
 
+_INDEX_SOURCE_COLUMNS = [
+    "hash",
+    "first_seen",
+    "block_height",
+    "ingested_at",
+    tables.DATE_COLUMN,
+    "inputs",
+    "outputs",
+]
+
+
+def build_address_index(
+    transactions_path: str, index_path: str, since: dt.date | None, row_group_rows: int | None = None
+) -> int:
+    """Rebuild ``address_index``'s date partitions from ``since`` on (every partition when None or when
+    there is no index yet) from the ``transactions`` rows of those dates; returns the rows written.
+
+    JVM-free (delta-rs), one date at a time (bounded memory), one Delta commit that replaces those dates
+    (``predicate``): idempotent, and a crash before the commit leaves the previous index. Each date is
+    sorted by ``tables.CLUSTERING`` (address_key first) in row groups of ``row_group_rows``
+    (``Settings.lake_row_group_rows`` when None), so a lookup reads about one row group per date file.
+
+    Readers trust the index for the rows ingested up to its newest ``ingested_at`` (its mark) and scan
+    ``transactions`` for the later ones (api/lake.py). So a build also covers every date with rows
+    ingested since the mark (by the Delta log's statistics), and runs between two writes of
+    ``transactions``: in the transactions query's compaction (maintenance.Compactor)."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable, WriterProperties, write_deltalake
+
+    from btc_anomaly.processing.delta_reader import newest, scan
+
+    rows_per_group = row_group_rows if row_group_rows is not None else Settings().lake_row_group_rows
+    source = DeltaTable(transactions_path)
+    actions = pa.table(source.get_add_actions(flatten=True))
+    name = f"partition.{tables.DATE_COLUMN}"
+    all_dates = actions[name].to_pylist() if name in actions.column_names else []
+    mark = newest(DeltaTable(index_path), "ingested_at") if DeltaTable.is_deltatable(index_path) else None
+    if mark is None:
+        since = None  # no index yet (or an empty one): every date
+    elif since is not None and "max.ingested_at" in actions.column_names:
+        # Also every date holding rows ingested since the index's mark, whoever wrote them (a run of the
+        # stream that stopped before its compaction): readers trust the index up to the mark.
+        maxima = actions["max.ingested_at"].to_pylist()
+        late = [d for d, m in zip(all_dates, maxima, strict=True) if m is not None and m >= mark]
+        since = min([*late, since])
+    dates = sorted({d for d in all_dates if d is not None and (since is None or d >= since)})
+    schema = tables.address_index_schema()
+    # The files are listed now: the batches are pulled inside delta-rs' write, where no delta-rs call
+    # can run (it would start its runtime inside its own).
+    scope = [] if since is None else [(tables.DATE_COLUMN, ">=", since)]
+    dataset, _ = scan(source, filters=scope)
+    written = 0
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        nonlocal written
+        for day in dates:
+            rows = dataset.to_table(
+                columns=_INDEX_SOURCE_COLUMNS, filter=pc.field(tables.DATE_COLUMN) == pa.scalar(day)
+            )
+            index = tables.address_rows(rows).select(schema.names)
+            written += index.num_rows
+            yield from index.to_batches(max_chunksize=rows_per_group)
+
+    write_deltalake(
+        index_path,
+        pa.RecordBatchReader.from_batches(schema, batches()),
+        mode="overwrite",
+        partition_by=[tables.DATE_COLUMN],
+        predicate=None if since is None else f"{tables.DATE_COLUMN} >= '{since.isoformat()}'",
+        writer_properties=WriterProperties(max_row_group_size=rows_per_group, compression="SNAPPY"),
+    )
+    return written
+
+
 def quarantine_frame(parsed: DataFrame) -> DataFrame:
     from pyspark.sql import functions as F
 

@@ -43,6 +43,7 @@ from btc_anomaly.processing.sinks import (
     write_batch,
 )
 from btc_anomaly.processing.stored_hashes import StoredHashes
+from btc_anomaly.processing.tables import ADDRESS_INDEX, INDEX_TABLES
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -125,8 +126,9 @@ def start_transactions_query(
     compactor = Compactor(
         lake.table(TRANSACTIONS),
         settings.stream_compact_every,
-        Vacuum.for_stream(settings, lake),
+        Vacuum.for_stream(settings, lake, INDEX_TABLES),
         row_group_rows=settings.lake_row_group_rows,
+        index=lake.table(ADDRESS_INDEX),
     )
     # One index per query run: it is loaded from the table by the run's first batch (stored_hashes.py).
     stored = StoredHashes()
