@@ -5,17 +5,21 @@ Lake (per size, in a temporary folder): the bundled sample scored by the detecto
 with a new hash (the original's first 56 hex digits + the row number: unique) and a ``first_seen`` spread
 evenly over ``rows / RATE`` seconds ending now (``RATE`` = 3.86 tx/s, 10M rows in 30 days: a steady
 Bitcoin mempool), ``scored_at`` a second later. ``scored_transactions`` and ``transactions`` (the same
-transactions, for ``/addresses``) are written in the stream's layout: ``date`` partitions, in chunks of
-``CHUNK`` rows (1-2 files per day, as compaction leaves a day behind it). So a bigger lake is a longer
-history at the same rate, and a 24 h window holds the same ~333k rows at every size: the bounded reads
-should stay flat. The rows are real transactions and their real scores; only hashes and times are made.
+transactions, for ``/addresses``; ``ingested_at`` = ``scored_at``) are written in the stream's layout:
+``date`` partitions, one file per day (``compacted``, as compaction leaves a day behind it), and
+``address_index`` is built from ``transactions`` by the stream's own function
+(sinks.build_address_index). So a bigger lake is a longer history at the same rate, and a 24 h window
+holds the same ~333k rows at every size: the bounded reads should stay flat. The rows are real
+transactions and their real scores; only hashes, times and one address (below) are made up.
 
 Cases, through the real app (``create_app``, in-process ASGI with Starlette's TestClient; the model is
 not loaded, the lake routes do not need it), ``requests`` each, p50/p95 client-side:
 
 * ``/anomalies`` (default window), ``/anomalies?rule=excessive_fee_share`` (risk-ordered, list filter),
-  ``/addresses/{a}`` (default window; an address of the newest day), ``/transactions/{hash}`` (a hash
-  of the newest day; default: the maximum window back);
+  ``/addresses/{a}`` (default window; an address of the newest day: like every address of the sample, it
+  recurs in ~63 transactions a day), ``/addresses/{fresh}`` (an address of the newest transaction
+  only, made up: ``FRESH_ADDRESS``), ``/transactions/{hash}`` (a hash of the newest day; default: the
+  maximum window back);
 * ``naive``: what the endpoints did before the bounds, in the same process on the same lake: the whole
   table, every column (``delta_reader.read_arrow(path)``), then the same filter / latest-per-hash / top
   100 (``/anomalies``) or the address match over every transaction (``/addresses``). Fewer repeats.
@@ -89,8 +93,9 @@ def build_lake(
     canonical: pa.Table,
     now: dt.datetime,
     layout: str = "compacted",
-) -> None:
-    """``rows`` scored rows and their transactions (module doc: how they are made), in ``layout``."""
+) -> float:
+    """``rows`` scored rows and their transactions (module doc: how they are made), in ``layout``; returns
+    the seconds the address index took to build (0 for ``appended``: a lake without one)."""
     from deltalake import WriterProperties, write_deltalake
 
     from btc_anomaly.dashboard.demo import scored_table
@@ -139,6 +144,8 @@ def build_lake(
         t = t.set_column(t.schema.get_field_index("hash"), "hash", hashes)
         t = t.set_column(t.schema.get_field_index("first_seen"), "first_seen", first_seen)
         t = t.append_column(tables.DATE_COLUMN, date).append_column("ingested_at", scored_at)
+        if hi == rows:
+            t = _with_fresh_address(t)
         write_deltalake(
             str(root / tables.TRANSACTIONS),
             t.cast(tables.transactions_schema()),
@@ -148,6 +155,32 @@ def build_lake(
         )
         del s, t
         gc.collect()
+    if not compacted:
+        return 0.0
+    # The index the transactions query's compaction keeps, by the same function (every date: as the
+    # first compaction of a lake without one builds it).
+    from btc_anomaly.processing.sinks import build_address_index
+
+    started = time.perf_counter()
+    build_address_index(
+        str(root / tables.TRANSACTIONS),
+        str(root / tables.ADDRESS_INDEX),
+        None,
+        Settings().lake_row_group_rows,
+    )
+    return time.perf_counter() - started
+
+
+# Paid by the lake's newest transaction only (made up): every real address of the sample recurs in
+# rows / 5,274 transactions of the lake, ~63 in a 24 h window, an address used once does not.
+FRESH_ADDRESS = "bc1qbenchlakefreshaddress0000000000000000"
+
+
+def _with_fresh_address(t: pa.Table) -> pa.Table:
+    """``t`` with its last transaction's first output paid to ``FRESH_ADDRESS``."""
+    last = t.slice(t.num_rows - 1).to_pylist()[0]
+    last["outputs"][0]["address"] = FRESH_ADDRESS
+    return pa.concat_tables([t.slice(0, t.num_rows - 1), pa.Table.from_pylist([last], schema=t.schema)])
 
 
 def _times_ms(fn: Callable[[], Any], n: int) -> list[float]:
@@ -205,7 +238,7 @@ def run_size(
     try:
         now = dt.datetime.now(dt.UTC)
         t0 = time.perf_counter()
-        build_lake(tmp, rows, scored, canonical, now, layout)
+        index_s = build_lake(tmp, rows, scored, canonical, now, layout)
         build_s = time.perf_counter() - t0
         settings = Settings(
             state_dir=tmp / "state",
@@ -218,7 +251,7 @@ def run_size(
             tmp / tables.TRANSACTIONS, columns=["hash", "outputs"], since=now - dt.timedelta(minutes=10)
         )
         tx_hash = newest["hash"][0].as_py()
-        address = next(o["address"] for o in newest["outputs"].to_pylist()[-1] if o["address"])
+        address = next(o["address"] for o in newest["outputs"].to_pylist()[0] if o["address"])
         out: list[dict[str, Any]] = []
         days = rows / RATE / 86_400
         with TestClient(create_app(settings, watch_model=False)) as client:
@@ -235,8 +268,13 @@ def run_size(
                 "/anomalies": "/anomalies",
                 "/anomalies?rule=": "/anomalies?rule=excessive_fee_share",
                 "/addresses/{a}": f"/addresses/{address}",
+                "/addresses/{fresh}": f"/addresses/{FRESH_ADDRESS}",
                 "/transactions/{hash}": f"/transactions/{tx_hash}",
             }
+            found = {
+                case: client.get(url).json()["count"] for case, url in cases.items() if "addresses" in case
+            }
+            assert found["/addresses/{fresh}"] == 1, found
             for case, url in cases.items():
                 times = _times_ms(get(url), requests)
                 out.append(
@@ -249,6 +287,7 @@ def run_size(
                         "p50_ms": _pct(times, 50),
                         "p95_ms": _pct(times, 95),
                         "n": len(times),
+                        **({"transactions": found[case]} if case in found else {}),
                     }
                 )
         # Row groups /anomalies' choosing read scans: the window's, less those statistics skip.
@@ -277,6 +316,7 @@ def run_size(
             )
         for r in out:
             r["build_s"] = round(build_s, 1)
+            r["index_s"] = round(index_s, 1)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,6 +370,7 @@ def _report(results: list[dict[str, Any]]) -> None:
         ratio = f"{naive['p95_ms'] / r['p95_ms']:.0f}x" if naive else ""
         naive_ms = f"{naive['p95_ms']:,.0f}" if naive else ""
         groups = f" (row groups {r['row_groups']})" if "row_groups" in r else ""
+        groups += f" ({r['transactions']} tx)" if "transactions" in r else ""
         print(
             f"| {r['rows']:,} | {r['days']} d | {r['layout']} | `{r['case']}`{groups} | "
             f"{r['p50_ms']:,.0f} / {r['p95_ms']:,.0f} | {naive_ms} | {ratio} |"
