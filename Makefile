@@ -123,7 +123,10 @@ readme: venv  ## regenerate the README's Settings, metrics and benchmark tables 
 # Mutation testing (issue #20): mutmut mutates the modules of pyproject's [tool.mutmut] and runs the unit tests that
 # reach each mutant, one worker at low priority (the machine is shared); not part of `make test`. A fresh
 # copy every run, so the score is of the code and tests as they are now. Fails under 90 % killed per module.
+# NUMBA_THREADING_LAYER=forksafe: mutmut forks each mutant from its own process, which ran the tests, and
+# numba's GNU OpenMP pool SIGTERMs a child forked after its use ("suspicious" mutants; pyproject.toml).
 mutation: venv  ## mutation score (mutmut) of the gate, risk, rules, stored hashes, features, API validation
 	rm -rf mutants && mkdir mutants
-	nice -n 10 $(BIN)/mutmut run --max-children 1 > mutants/run.log 2>&1 || { tail -c 3000 mutants/run.log; exit 1; }
+	NUMBA_THREADING_LAYER=forksafe nice -n 10 $(BIN)/mutmut run --max-children 1 > mutants/run.log 2>&1 \
+		|| { tail -c 3000 mutants/run.log; exit 1; }
 	$(BIN)/python scripts/mutation_score.py

@@ -224,7 +224,9 @@ def market_fee_rates(df: pd.DataFrame) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = np.where(vsize > 0, fee / vsize, np.nan)
     if "is_coinbase" in df.columns:
-        rate[df["is_coinbase"].fillna(False).to_numpy(dtype=bool)] = np.nan
+        # Via pandas' nullable boolean: an unknown flag (None/NA) is no coinbase, and filling it on an object
+        # column would make pandas downcast (deprecated).
+        rate[df["is_coinbase"].astype("boolean").fillna(False).to_numpy(dtype=bool)] = np.nan
     overall = float(np.nanmedian(rate)) if np.isfinite(rate).any() else np.nan
     height = pd.to_numeric(df.get("block_height", pd.Series(np.nan, index=df.index))).astype("Float64")
     if "first_seen" in df.columns:

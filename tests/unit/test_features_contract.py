@@ -5,6 +5,7 @@ the edges of the vector code (ties, zero values, null lists and addresses, clamp
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import math
 import statistics
 import warnings
@@ -123,6 +124,59 @@ def test_unconfirmed_rows_group_by_ten_minute_window_and_coinbases_do_not_count(
 def test_market_without_any_known_fee_is_nan() -> None:
     rows = [dict(r, fee=None) for r in _block(5)]
     assert np.isnan(market_fee_rates(pd.DataFrame(rows))).all()
+
+
+def test_first_seen_in_any_iso_form_lands_in_its_utc_window() -> None:
+    """Unconfirmed rows group by the UTC 10-minute window of ``first_seen``, whatever ISO 8601 form it comes
+    in: 'Z' or an offset (+05:45 floors to other windows in local time), with or without fractions."""
+    rows = _block(50)
+    start = dt.datetime(2024, 3, 1, 12, 0, tzinfo=dt.UTC)
+    forms = [
+        lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        lambda t: t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        lambda t: t.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=45))).isoformat(),
+        lambda t: t.astimezone(dt.timezone(dt.timedelta(hours=-5))).isoformat(timespec="milliseconds"),
+    ]
+    windows: dict[int, list[float]] = {}
+    for i, r in enumerate(rows):
+        window = 0 if i < 25 else 1  # 25 rows in 12:00-12:10 UTC, 25 in 12:10-12:20
+        t = start + dt.timedelta(minutes=10 * window + i % 10, seconds=i, microseconds=250_000 * (i % 2))
+        r.update(block_height=None, first_seen=forms[i % len(forms)](t))
+        windows.setdefault(window, []).append(r["fee"] / r["vsize"])
+    got = market_fee_rates(pd.DataFrame(rows))
+    want = [statistics.median(windows[0 if i < 25 else 1]) for i in range(len(rows))]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert want[0] != want[-1]
+
+
+def test_rows_without_block_or_time_are_one_group() -> None:
+    """Without a ``first_seen`` column, the unconfirmed rows are one group of their own (20 rates or more
+    give their median), apart from every block."""
+    rows = _block(50)
+    for r in rows[25:]:
+        r["block_height"] = None
+    frame = pd.DataFrame(rows).drop(columns=["first_seen"])
+    got = market_fee_rates(frame)
+    block = statistics.median(r["fee"] / r["vsize"] for r in rows[:25])
+    unknown = statistics.median(r["fee"] / r["vsize"] for r in rows[25:])
+    assert block != unknown
+    np.testing.assert_allclose(got, [block] * 25 + [unknown] * 25, rtol=1e-12)
+
+
+def test_market_of_a_frame_with_repeated_index_labels() -> None:
+    """Two batches concatenated keep their own indexes (labels repeat): each row still gets its group's
+    median, with or without ``first_seen``."""
+    rows = _block(60)
+    for r in rows[30:]:
+        r.update(block_height=None, first_seen="2024-03-01T12:04:00.000000Z")
+    block = statistics.median(r["fee"] / r["vsize"] for r in rows[:30])
+    unconfirmed = statistics.median(r["fee"] / r["vsize"] for r in rows[30:])
+    batches = [rows[:20] + rows[30:50], rows[20:30] + rows[50:]]  # both hold confirmed and unconfirmed rows
+    frame = pd.concat([pd.DataFrame(b) for b in batches])
+    assert not frame.index.is_unique
+    want = [block if r["block_height"] is not None else unconfirmed for b in batches for r in b]
+    for f in (frame, frame.drop(columns=["first_seen"])):
+        np.testing.assert_allclose(market_fee_rates(f), want, rtol=1e-12)
 
 
 def test_relative_fee_rate() -> None:
