@@ -269,6 +269,13 @@ def test_canaries_at_the_minimum_pass_and_name_the_missed_ones() -> None:
     assert (refused.passed, refused.value) == (False, 0.5)
 
 
+def test_canary_hashes_and_flags_of_different_lengths_are_refused() -> None:
+    """Hashes and flags are paired one to one: a flag missing (or extra) is an error, never a silently
+    shorter list of missed canaries."""
+    with pytest.raises(ValueError, match="zip"):
+        promotion.canary_check(HASHES, np.array([True, True, False]), 0.5)
+
+
 def test_every_canary_flagged_names_none_and_no_canaries_is_a_zero_share() -> None:
     assert promotion.canary_check(HASHES, np.ones(4, dtype=bool), 1.0) == Check(
         "canaries", True, 1.0, ">= 1.0", "4/4 canaries flagged"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -394,20 +395,26 @@ def test_evaluate_reads_rows_and_rates_from_the_bundle_when_untagged(small_bench
 
 
 def test_a_benchmark_that_cannot_be_read_refuses_with_the_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing = tmp_path / "benchmark.jsonl.gz"
     monkeypatch.setattr(benchmark, "benchmark_path", lambda: missing)
     metrics: dict[str, float] = {}
-    check = promotion._benchmark(Settings(), fitted_bundle(), None, metrics)
+    with caplog.at_level(logging.WARNING, logger=promotion.__name__):
+        check = promotion._benchmark(Settings(), fitted_bundle(), None, metrics)
     assert check.passed is False and check.value is None
     assert check.detail.startswith("benchmark evaluation failed: FileNotFoundError: ")
     assert str(missing) in check.detail
     assert metrics == {}
+    # The operator's log names whose evaluation failed and why.
+    error = check.detail.removeprefix("benchmark evaluation failed: FileNotFoundError: ")
+    assert [r.getMessage() for r in caplog.records if r.name == promotion.__name__] == [
+        f"benchmark evaluation of the challenger failed: {error}"
+    ]
 
 
 def test_a_champion_that_cannot_be_benchmarked_leaves_only_the_floor(
-    small_benchmark: Path, monkeypatch: pytest.MonkeyPatch
+    small_benchmark: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     bundle = fitted_bundle()
     calls: list[Any] = []
@@ -421,7 +428,11 @@ def test_a_champion_that_cannot_be_benchmarked_leaves_only_the_floor(
 
     monkeypatch.setattr(promotion, "_benchmark_numbers", numbers)
     metrics: dict[str, float] = {}
-    check = promotion._benchmark(Settings(gate_benchmark_min_roc_auc=0.5), bundle, bundle, metrics)
+    with caplog.at_level(logging.WARNING, logger=promotion.__name__):
+        check = promotion._benchmark(Settings(gate_benchmark_min_roc_auc=0.5), bundle, bundle, metrics)
+    assert [r.getMessage() for r in caplog.records if r.name == promotion.__name__] == [
+        "benchmark evaluation of the champion failed: feature version 1"
+    ]
     assert calls == [bundle, bundle]
     assert check.passed and "champion not comparable (ValueError: feature version 1)" in check.detail
     assert set(metrics) == {f"benchmark.{k}" for k in promotion.BENCHMARK_METRICS}
