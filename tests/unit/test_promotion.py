@@ -136,6 +136,28 @@ def test_benchmark_errors() -> None:
     ).passed
 
 
+def test_a_champion_without_a_number_is_skipped_for_that_metric_only() -> None:
+    """The champion lacks the first metric (NaN) and the second altogether: both are skipped, and the
+    comparison goes on to the last one, which regressed."""
+    champion = {"canonical.roc_auc": math.nan, "summary.roc_auc": 0.94}
+    mine = {"canonical.roc_auc": 0.95, "canonical.precision_at_50": 0.5, "summary.roc_auc": 0.90}
+    check = _bench(mine, champion)
+    assert check.passed is False
+    assert check.detail == "8-field ROC-AUC 0.9000 is 0.0400 below the champion's 0.9400 (tolerance 0.02)"
+    fine = _bench(dict(mine, **{"summary.roc_auc": 0.93}), champion)
+    assert fine.passed and fine.detail.startswith(
+        "canonical ROC-AUC 0.9500 (champion nan), canonical precision at 50 0.5000 (champion nan), "
+    )
+
+
+def test_every_benchmark_problem_is_named_in_order() -> None:
+    low = {"canonical.roc_auc": 0.85, "canonical.precision_at_50": 0.9, "summary.roc_auc": 0.94}
+    assert _bench(low, CHAMP).detail == (
+        "canonical ROC-AUC 0.8500 below the floor 0.9; "
+        "canonical ROC-AUC 0.8500 is 0.1100 below the champion's 0.9600 (tolerance 0.02)"
+    )
+
+
 # --- the checks as pure functions: numbers chosen by hand, at and just past every limit -------------------------
 # ``evaluate`` measures a real bundle and hands its numbers to these builders (test_promotion_logic.py runs it
 # on the bundle fitted on the sample); here the numbers include ones no real forest produces (scores outside
