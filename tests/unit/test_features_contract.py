@@ -163,6 +163,22 @@ def test_rows_without_block_or_time_are_one_group() -> None:
     np.testing.assert_allclose(got, [block] * 25 + [unknown] * 25, rtol=1e-12)
 
 
+def test_unconfirmed_windows_never_join_a_block() -> None:
+    """Windows and blocks are separate groups even where their numbers meet: block 1 and the window of
+    1970-01-01 00:00 UTC (timestamp 0, the API scores any first_seen)."""
+    rows = _block(50)
+    for i, r in enumerate(rows):
+        if i < 25:
+            r["block_height"] = 1
+        else:
+            r.update(block_height=None, first_seen=f"1970-01-01T00:0{i % 10}:{i:02d}Z")
+    got = market_fee_rates(pd.DataFrame(rows))
+    block = statistics.median(r["fee"] / r["vsize"] for r in rows[:25])
+    window = statistics.median(r["fee"] / r["vsize"] for r in rows[25:])
+    assert block != window
+    np.testing.assert_allclose(got, [block] * 25 + [window] * 25, rtol=1e-12)
+
+
 def test_market_of_a_frame_with_repeated_index_labels() -> None:
     """Two batches concatenated keep their own indexes (labels repeat): each row still gets its group's
     median, with or without ``first_seen``."""
