@@ -251,7 +251,12 @@ def run_size(
             tmp / tables.TRANSACTIONS, columns=["hash", "outputs"], since=now - dt.timedelta(minutes=10)
         )
         tx_hash = newest["hash"][0].as_py()
-        address = next(o["address"] for o in newest["outputs"].to_pylist()[0] if o["address"])
+        address = next(
+            o["address"]
+            for outputs in newest["outputs"].to_pylist()
+            for o in outputs
+            if o["address"] and o["address"] != FRESH_ADDRESS
+        )
         out: list[dict[str, Any]] = []
         days = rows / RATE / 86_400
         with TestClient(create_app(settings, watch_model=False)) as client:
