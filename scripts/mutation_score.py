@@ -52,6 +52,39 @@ _ACTUAL_LENGTH = (
     "never reached"
 )
 
+# market_fee_rates: block heights, window keys and group keys are numbers or missing in every dtype variant.
+_HEIGHTS = (
+    "block heights as float64 instead of Float64: heights are integers < 2**53 (exact in float64) or "
+    "missing, NaN and NA are both missing to notna()/where(), and the key's to_numpy(na_value=nan) renders "
+    "both as NaN: the same keys"
+)
+_NO_HEIGHTS = (
+    "the default block_height without the column is all missing: Series(None) (object) or Series() "
+    "(float64 NaN) become the same all-NA Float64 heights through to_numeric and astype"
+)
+_WINDOWS = (
+    "window keys as float64 instead of Float64: floored nanosecond timestamps, never missing (astype('int64') "
+    "raises on NaT first), so '-1.0 - key' and where() give the same float keys"
+)
+_NO_WINDOWS = (
+    "without a first_seen column every window key is missing, NaN (float64) or NA (Float64/None): "
+    "'-1.0 - key', where() and to_numpy(na_value=nan) make them the same NaN keys"
+)
+_NO_WINDOWS_INDEX = (
+    "without a first_seen column the window keys are all missing; a one-row Series (no index) aligned by "
+    "where() leaves every other label missing as well: the same NaN keys, also with repeated labels "
+    "(test_market_of_a_frame_with_repeated_index_labels)"
+)
+_KEY_TO_NUMPY = (
+    "the key is a Float64 Series: to_numpy gives float64 without the dtype when na_value is NaN, and with "
+    "dtype float64 pandas 2.x writes NA as NaN whether na_value is None or not given: the same array"
+)
+_KEY_OFFSET = (
+    "'-1.0 - w' -> 'w - 1' / '-2.0 - w' for the window key w (a multiple of 6e11 ns): one-to-one, so windows "
+    "stay apart; they could only meet a block at a height of 599,999,999,998 or more (w = +-6e11 ns), which "
+    "the chain cannot reach (one block per ~10 min); 1 - w, the one that meets block 1, is killed"
+)
+
 # mutant name -> why no test can kill it (it behaves like the original for every input the code can get).
 EQUIVALENT: dict[str, str] = {
     **{
@@ -60,11 +93,39 @@ EQUIVALENT: dict[str, str] = {
     },
     **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _TO_NUMPY for n in (3, 5, 11, 13)},
     "btc_anomaly.features.x_market_fee_rates__mutmut_39": (
-        "to_numpy(dtype=bool) -> to_numpy(): pandas 2.x downcasts the filled is_coinbase column to bool "
-        "(with a FutureWarning), so the mask is the same bool array"
+        "to_numpy(dtype=bool) -> to_numpy(): after astype('boolean').fillna(False) the flags hold no NA, and "
+        "a NA-free nullable boolean array converts to a NumPy bool array without the dtype: the same mask"
     ),
     "btc_anomaly.features.x_market_fee_rates__mutmut_38": (
         "'= np.nan' -> '= None' on a float64 array: NumPy stores None as NaN"
+    ),
+    "btc_anomaly.features.x_market_fee_rates__mutmut_41": (
+        "astype('boolean') -> astype(None), i.e. float64: True/False/None become 1.0/0.0/NaN, fillna(False) "
+        "makes NaN 0.0 (no downcast warning on a float column) and to_numpy(dtype=bool) gives the same mask"
+    ),
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _HEIGHTS for n in (54, 67)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_HEIGHTS for n in (62, 64)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _WINDOWS for n in (86, 91)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS for n in (94, 96, 97, 99, 101)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS_INDEX for n in (95, 98)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_TO_NUMPY for n in (104, 105, 106, 107)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_OFFSET for n in (112, 114)},
+    **{
+        f"btc_anomaly.features.x_relative_fee_rate__mutmut_{n}": (
+            "np.asarray(log_fee_rate) without dtype=float64: a float input of any width (or an int) minus the "
+            "float64 log1p of the market is float64, and widening to float64 is exact: the same values"
+        )
+        for n in (3, 5)
+    },
+    "btc_anomaly.features.x_market_fee_rates__mutmut_123": (
+        "groupby(dropna=None): pandas tests dropna for truth, so None keeps the NaN-key group like False "
+        "(test_rows_without_block_or_time_are_one_group passes under it)"
+    ),
+    "btc_anomaly.features.x_market_fee_rates__mutmut_132": (
+        "transform('median') of the float64 rates is float64: to_numpy() gives the same array without the dtype"
+    ),
+    "btc_anomaly.features.x_market_fee_rates__mutmut_137": (
+        "transform('count') is int64: 'count >= MARKET_MIN_ROWS' is the same on int64 as on float64"
     ),
     **{
         f"btc_anomaly.processing.stored_hashes.x\u01c1StoredHashes\u01c1add__mutmut_{n}": _DTYPES

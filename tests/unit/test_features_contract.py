@@ -200,6 +200,11 @@ def test_relative_fee_rate() -> None:
         [0.0, math.log1p(1) - math.log1p(10)]
     )
     assert relative_fee_rate([math.log1p(4.0)], np.array([1.0])).tolist() == pytest.approx([math.log(5 / 2)])
+    # A float32 market (an Arrow float column, a NumPy float32 median) is read in float64, like every feature.
+    market = np.float32(10.3)
+    got = relative_fee_rate(np.array([math.log1p(12.0)]), np.array([market]))
+    assert got.dtype == np.float64
+    assert got[0] == math.log1p(12.0) - math.log1p(float(market))
 
 
 def test_has_prevouts_on_frames_and_tables() -> None:
