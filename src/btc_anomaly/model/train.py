@@ -427,7 +427,6 @@ def train(
         for name, fig in _plots(features, scored).items():
             mlflow.log_figure(fig, name)
         if report is not None:
-            mlflow.log_metrics(report.flat_metrics())
             mlflow.log_figure(report.pr_figure(), "plots/benchmark_pr.png")
             mlflow.log_text(report.table(), "benchmark.md")
         else:
@@ -446,6 +445,10 @@ def train(
                 input_example=example,
                 pip_requirements=_pip_requirements(),
             )
+        # Metrics after the model: MLflow's log_model reads the history of every metric the run already
+        # has, one request each (hundreds for the benchmark report: minutes against a loaded server).
+        if report is not None:
+            mlflow.log_metrics(report.flat_metrics())
         timings["log_seconds"] = time.perf_counter() - t0
         timings["total_seconds"] = time.perf_counter() - t_all
         mlflow.log_metrics({**metrics, **timings})
