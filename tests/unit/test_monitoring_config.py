@@ -307,6 +307,7 @@ def test_maintained_table_names_are_the_lakes() -> None:
     assert metrics.STREAM_TABLES == tables.STREAM_TABLES
     assert metrics.DETECT_TABLES == tables.DETECT_TABLES
     assert set(metrics.STREAM_COMPACTED_TABLES) == {tables.TRANSACTIONS, tables.SCORED}
+    assert metrics.STREAM_INDEX_TABLES == tables.INDEX_TABLES
 
 
 def test_each_service_exposes_only_its_families() -> None:

@@ -162,8 +162,8 @@ STREAM_QUERY_FAILURES = Counter(
 )
 STREAM_MAINTENANCE_FAILURES = Counter(
     "btc_stream_maintenance_failures",
-    "Compactions (op=compact) and VACUUMs (op=vacuum) of the stream's tables that failed, by table; retried "
-    "at the next due time.",
+    "Compactions (op=compact), index builds (op=index) and VACUUMs (op=vacuum) of the stream's tables that "
+    "failed, by table; retried at the next due time.",
     ["table", "op"],
 )
 STREAM_PREDICTIONS = Counter(
@@ -468,6 +468,8 @@ STREAM_QUERIES = ("transactions", "tx_stats", "scoring")  # processing/: the str
 # processing/tables.py: STREAM_TABLES (all vacuumed; the two date-partitioned ones also compacted), DETECT_TABLES
 STREAM_TABLES = ("transactions", "quarantine", "tx_stats_1m", "tx_stats_5m", "scored_transactions")
 STREAM_COMPACTED_TABLES = ("transactions", "scored_transactions")
+# processing/tables.py: INDEX_TABLES, rebuilt by the transactions query's compaction and vacuumed with the rest
+STREAM_INDEX_TABLES = ("address_index",)
 DETECT_TABLES = ("window_anomalies", "coordinated_bursts")
 PREDICTION_LABELS = ("anomaly", "normal")
 MODEL_KINDS = ("full", "structural")
@@ -494,6 +496,9 @@ for _table in STREAM_TABLES:
     STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="vacuum")
 for _table in STREAM_COMPACTED_TABLES:
     STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="compact")
+for _table in STREAM_INDEX_TABLES:
+    STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="vacuum")
+    STREAM_MAINTENANCE_FAILURES.labels(table=_table, op="index")
 for _table in DETECT_TABLES:
     DETECT_MAINTENANCE_FAILURES.labels(table=_table)
 for _label in PREDICTION_LABELS:
