@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from btc_anomaly.schema import Transaction, arrow_schema
+from btc_anomaly.schema import Transaction, arrow_schema, utc_times
 
 # Bump when a feature's definition changes; the model records the version it was trained with and
 # scoring refuses a model whose features were computed differently.
@@ -230,7 +230,7 @@ def market_fee_rates(df: pd.DataFrame) -> np.ndarray:
     overall = float(np.nanmedian(rate)) if np.isfinite(rate).any() else np.nan
     height = pd.to_numeric(df.get("block_height", pd.Series(np.nan, index=df.index))).astype("Float64")
     if "first_seen" in df.columns:
-        window = pd.to_datetime(df["first_seen"], utc=True, format="ISO8601").dt.floor(MARKET_WINDOW)
+        window = utc_times(df["first_seen"]).dt.floor(MARKET_WINDOW)
         window_key = window.astype("int64").astype("Float64")
     else:
         window_key = pd.Series(np.nan, index=df.index, dtype="Float64")

@@ -161,6 +161,27 @@ def first_seen_too_late(max_skew_s: float) -> str:
     return f"first_seen more than {max_skew_s:g} s in the future"
 
 
+# An ISO 8601 time of day followed by its UTC offset ("Z", "+05:45", "-0500", "+01").
+_HAS_OFFSET = r"\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)$"
+
+
+def utc_times(values: Any) -> Any:
+    """``first_seen`` values (datetimes, Timestamps, ISO 8601 strings, or a datetime64 column) as a pandas
+    Series of UTC Timestamps; naive values are UTC, as the schema says.
+
+    pandas' own ``to_datetime(..., format="ISO8601", utc=True)`` reads a naive string that follows one
+    with an offset at that offset (a mixed JSON batch would land rows in the wrong time), so naive
+    strings get an explicit "+00:00" first."""
+    import pandas as pd
+
+    series = values if isinstance(values, pd.Series) else pd.Series(values)
+    if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
+        text = series.astype("string")
+        naive = ~text.str.contains(_HAS_OFFSET, regex=True, na=True)
+        series = text.mask(naive, text + "+00:00")
+    return pd.to_datetime(series, utc=True, format="ISO8601")
+
+
 def first_seen_error(
     first_seen: dt.datetime, *, max_skew_s: float, now: dt.datetime | None = None
 ) -> str | None:

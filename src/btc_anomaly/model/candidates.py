@@ -52,6 +52,7 @@ from btc_anomaly.model.evaluate import (
     evaluate,
     load_benchmark,
 )
+from btc_anomaly.schema import utc_times
 
 SAMPLE = PROJECT_ROOT / "data" / "sample" / "transactions.jsonl.gz"
 CONTAMINATION = 0.01
@@ -362,7 +363,7 @@ def fit_ours(train: pd.DataFrame, settings: Settings) -> Any:
 
     train = train.reset_index(drop=True)
     market = market_fee_rates(train)
-    newest = pd.to_datetime(train["first_seen"], utc=True, format="ISO8601").to_numpy().argmax()
+    newest = utc_times(train["first_seen"]).to_numpy().argmax()
     bundle, _ = fit_bundle(compute_features(train), settings, market, market_reference=float(market[newest]))
     return bundle
 

@@ -48,7 +48,7 @@ from btc_anomaly.features import INPUT_COLUMNS
 from btc_anomaly.model import core
 from btc_anomaly.model.bundle import ModelBundle
 from btc_anomaly.model.context import fee_market
-from btc_anomaly.schema import arrow_schema
+from btc_anomaly.schema import arrow_schema, utc_times
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def score_frame(
             reasons[r] = [i["reason"] for i in it]
             top[r] = [i["feature"] for i in it]
     if "first_seen" in df.columns:
-        first_seen = pd.to_datetime(df["first_seen"], utc=True, format="ISO8601").reset_index(drop=True)
+        first_seen = utc_times(df["first_seen"]).reset_index(drop=True)
     else:
         first_seen = pd.Series(pd.NaT, index=pd.RangeIndex(n), dtype="datetime64[us, UTC]")
     display = _display_columns(df)

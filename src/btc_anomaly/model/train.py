@@ -47,6 +47,7 @@ from btc_anomaly.model.bundle import KINDS, ModelBundle
 from btc_anomaly.model.detector import KindDetector
 from btc_anomaly.model.explain import FeatureStats
 from btc_anomaly.model.registry import CHALLENGER, client, log_bundle, use_tracking, whoami
+from btc_anomaly.schema import utc_times
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def fit_transactions(frame: pd.DataFrame, settings: Settings) -> tuple[ModelBund
     features = compute_features(frame)
     market = market_fee_rates(frame)
     if "first_seen" in frame.columns and len(frame):
-        newest = int(pd.to_datetime(frame["first_seen"], utc=True, format="ISO8601").to_numpy().argmax())
+        newest = int(utc_times(frame["first_seen"]).to_numpy().argmax())
         reference: float | None = float(market[newest])
     else:
         reference = None
@@ -373,7 +374,7 @@ def train(
     bar.set_postfix_str("fit")
     t0 = time.perf_counter()
     market = market_fee_rates(data.frame)
-    newest = int(pd.to_datetime(data.frame["first_seen"], utc=True, format="ISO8601").to_numpy().argmax())
+    newest = int(utc_times(data.frame["first_seen"]).to_numpy().argmax())
     bundle, metrics = fit_bundle(features, settings, market, market_reference=float(market[newest]))
     timings["fit_seconds"] = time.perf_counter() - t0
     bar.update()
