@@ -23,7 +23,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STARTUP_BUDGET_S = 210  # first scored rows within this (the issue: "within a few minutes" of `make demo`)
+# First scored rows within this (the issue: "within a few minutes" of `make demo`). Alone the demo scores
+# in about 2.5 min; in `make test` it starts beside the other lane's Spark and Kafka tests, where the
+# stream's first micro-batch came 2.5 min after start and 210 s was missed under load.
+STARTUP_BUDGET_S = 300
 # Ctrl-C to gone: each process stops by itself well within this (the Makefile's HONCHO line says in
 # what order); above the demo's KILL_WAIT (120 s), so a process honcho had to SIGKILL shows in the log.
 STOP_BUDGET_S = 150
