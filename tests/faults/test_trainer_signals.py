@@ -67,11 +67,15 @@ def test_a_signal_during_a_single_training_marks_its_mlflow_run_failed(tmp_path:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A store and experiment of the test's own: other tests of the session leave the fluent API pointed
+    # at their server and experiment, which are restored afterwards.
+    experiment_id = MlflowClient(uri).create_experiment("signals")
+    previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     run_ids: list[str] = []
 
     def training() -> None:  # the run as train() opens it, signalled while it works
-        with mlflow.start_run() as run:
+        with mlflow.start_run(experiment_id=experiment_id) as run:
             run_ids.append(run.info.run_id)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)
@@ -79,7 +83,7 @@ def test_a_signal_during_a_single_training_marks_its_mlflow_run_failed(tmp_path:
     try:
         assert run_until_signalled(training) == signal.SIGTERM
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(previous_uri)
     status = MlflowClient(uri).get_run(run_ids[0]).info.status
     assert status in ("FAILED", "KILLED"), status
 
