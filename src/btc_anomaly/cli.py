@@ -226,6 +226,11 @@ def stream(
         run_stream(get_settings(), available_now=available_now, stop=stop)
     except StreamFailed:
         raise typer.Exit(2) from None  # logged with the operator's way out where it was detected
+    finally:
+        # Stopped: a late second signal (honcho's SIGTERM 0.5 s after Ctrl-C) must not kill the exiting
+        # interpreter, which puts SIG_DFL back for Python handlers (not for SIG_IGN) while it finalizes.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- model lifecycle ------------------------------------------------------------------------------------
