@@ -277,17 +277,10 @@ class ScoredTable:
         if through is not None:
             found = self._indexed(address, window)
         if tail is not None and tail.num_rows:
+            # address_rows carries each row's current block_height along (the scan read it).
             matched = tables.address_rows(tail, address)
-            heights = tail.select(["hash", "block_height"]).filter(pc.is_in(tail["hash"], matched["hash"]))
-            height = dict(zip(heights["hash"].to_pylist(), heights["block_height"].to_pylist(), strict=True))
-            for r in matched.select(["hash", "first_seen", "side", "value"]).to_pylist():
-                found[r["hash"]] = {
-                    "hash": r["hash"],
-                    "first_seen": r["first_seen"],
-                    "block_height": height[r["hash"]],
-                    "side": r["side"],
-                    "value": r["value"],
-                }
+            for r in matched.select(["hash", "first_seen", "block_height", "side", "value"]).to_pylist():
+                found[r["hash"]] = r
         return list(found.values())
 
     def _indexed(self, address: str, window: Window) -> dict[str, dict[str, Any]]:
