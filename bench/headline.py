@@ -195,6 +195,36 @@ def _detectors(r: Results) -> tuple[str, str, bool | None]:
     )
 
 
+def _big_tx(r: Results) -> tuple[str, str, bool | None]:
+    big = row(r, "bench_api_big_tx", "/predict, 1 MB tx x 8")
+    return (
+        f"p99 {num(big['p99 ms'], 1)} ms over {num(big['/health n'])} probes",
+        f"the 8 x 1 MB request itself {num(big['request s'], 2)} s",
+        big["p99 ms"] < 50,
+    )
+
+
+def _lake(r: Results) -> tuple[str, str, bool | None]:
+    rows = [x for x in _rows(r, "bench_lake") if x.get("layout", "compacted") == "compacted"]
+    if not rows:
+        raise Missing("bench_lake: no compacted-layout rows")
+    size = max(x["rows"] for x in rows)
+
+    def p95(case: str, target: str) -> float:
+        for x in rows:
+            if x["rows"] == size and x["case"] == case and x["target"] == target:
+                return float(x["p95_ms"])
+        raise Missing(f"bench_lake: no {target} row {case!r} at {size:,} rows")
+
+    anomalies, address = p95("/anomalies", "bounded"), p95("/addresses/{a}", "bounded")
+    return (
+        f"{num(anomalies)} / {num(address)} ms at {num(size / 1e6)}M rows",
+        f"whole-table read {num(p95('/anomalies', 'naive whole table') / 1000, 1)} / "
+        f"{num(p95('/addresses/{a}', 'naive whole table') / 1000, 1)} s",
+        max(anomalies, address) <= 200,
+    )
+
+
 def _quality(r: Results) -> tuple[str, str, bool | None]:
     def auc(detector: str) -> float:
         for x in _rows(r, "bench_quality"):
@@ -236,6 +266,15 @@ FIGURES: tuple[Figure, ...] = (
         "bench_detectors",
         "≤ 2x",
         _detectors,
+    ),
+    Figure(
+        "API `/health` while 8 x 1 MB transactions are scored", "bench_api_big_tx", "p99 < 50 ms", _big_tx
+    ),
+    Figure(
+        "API lake reads, p95: `/anomalies` / `/addresses/{a}` (~60 tx a day)",
+        "bench_lake",
+        "≤ 200 ms",
+        _lake,
     ),
     Figure("detection quality: canonical ROC-AUC, holdout", "bench_quality", "≥ 0.95", _quality),
 )
