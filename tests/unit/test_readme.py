@@ -54,3 +54,21 @@ def test_a_failed_benchmark_shows_as_not_measured(update_readme: ModuleType) -> 
     table = headline.headline_markdown(results)
     line = next(x for x in table.splitlines() if x.startswith("| dashboard refresh"))
     assert "not measured (bench_dashboard failed: RuntimeError: callback failed: 500)" in line
+
+
+def test_every_figure_of_a_benchmark_that_ran_is_read(update_readme: ModuleType) -> None:
+    # A benchmark that renames a row (or a figure that asks for a wrong one) would print "not measured"
+    # in the README after a whole `make bench`; the rows of the last run must feed every figure.
+    from bench import headline
+
+    results = headline.load()
+    ran = {name for name, entry in results.get("benchmarks", {}).items() if not entry.get("error")}
+    unread = []
+    for fig in headline.FIGURES:
+        if fig.bench not in ran:
+            continue
+        try:
+            fig.read(results)
+        except (headline.Missing, KeyError, ZeroDivisionError, TypeError) as exc:
+            unread.append(f"{fig.name}: {type(exc).__name__}: {exc}")
+    assert not unread, unread
