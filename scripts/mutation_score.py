@@ -3,7 +3,10 @@
 A mutant counts as killed when a test failed, crashed or timed out under it. Mutants listed in
 ``EQUIVALENT`` behave exactly like the original code (no test can tell them apart) and leave the
 denominator; every other survivor, and every mutant no selected test reaches, counts against the score.
-Exit status 1 when a module kills less than ``TARGET`` of its mutants.
+Exit status 1 when a module kills less than ``TARGET`` of its mutants, or when a mutant listed in
+``EQUIVALENT`` did not survive: mutmut numbers mutants in source order, so after an edit a listed
+number can name another mutant, and the list has to be renumbered (each entry prints the line it
+changes, to check against its reason).
 """
 
 from __future__ import annotations
@@ -111,11 +114,11 @@ EQUIVALENT: dict[str, str] = {
     ),
     **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _HEIGHTS for n in (54, 67)},
     **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_HEIGHTS for n in (62, 64)},
-    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _WINDOWS for n in (86, 91)},
-    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS for n in (94, 96, 97, 99, 101)},
-    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS_INDEX for n in (95, 98)},
-    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_TO_NUMPY for n in (104, 105, 106, 107)},
-    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_OFFSET for n in (112, 114)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _WINDOWS for n in (78, 83)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS for n in (86, 88, 89, 91, 93)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _NO_WINDOWS_INDEX for n in (87, 90)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_TO_NUMPY for n in (96, 97, 98, 99)},
+    **{f"btc_anomaly.features.x_market_fee_rates__mutmut_{n}": _KEY_OFFSET for n in (104, 106)},
     **{
         f"btc_anomaly.features.x_relative_fee_rate__mutmut_{n}": (
             "np.asarray(log_fee_rate) without dtype=float64: a float input of any width (or an int) minus the "
@@ -123,14 +126,14 @@ EQUIVALENT: dict[str, str] = {
         )
         for n in (3, 5)
     },
-    "btc_anomaly.features.x_market_fee_rates__mutmut_123": (
+    "btc_anomaly.features.x_market_fee_rates__mutmut_115": (
         "groupby(dropna=None): pandas tests dropna for truth, so None keeps the NaN-key group like False "
         "(test_rows_without_block_or_time_are_one_group passes under it)"
     ),
-    "btc_anomaly.features.x_market_fee_rates__mutmut_132": (
+    "btc_anomaly.features.x_market_fee_rates__mutmut_124": (
         "transform('median') of the float64 rates is float64: to_numpy() gives the same array without the dtype"
     ),
-    "btc_anomaly.features.x_market_fee_rates__mutmut_137": (
+    "btc_anomaly.features.x_market_fee_rates__mutmut_129": (
         "transform('count') is int64: 'count >= MARKET_MIN_ROWS' is the same on int64 as on float64"
     ),
     **{
@@ -256,6 +259,20 @@ def module_of(meta: Path) -> str:
     return str(meta.relative_to(ROOT / "mutants" / "src")).removesuffix(".meta")
 
 
+def mutated_line(name: str) -> str:
+    """The line a mutant changed (`mutmut show`'s "+" line), to read next to the reason it is listed for."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    module = name.split(".x", 1)[0]
+    try:
+        diff = get_diff_for_mutant(name, path=f"src/{module.replace('.', '/')}.py")
+    except Exception as exc:  # an absent mutant or a changed mutmut: the listing goes on without the line
+        return f"(no diff: {type(exc).__name__})"
+    return next(
+        (x[1:].strip() for x in diff.splitlines() if x.startswith("+") and not x.startswith("+++")), ""
+    )
+
+
 def main() -> int:
     metas = sorted((ROOT / "mutants" / "src").rglob("*.py.meta"))
     if not metas:
@@ -264,21 +281,29 @@ def main() -> int:
     header = f"{'module':<38} {'mutants':>7} {'killed':>7} {'survived':>8} {'no test':>7} {'equiv.':>6} {'score':>7} {'time s':>7}"
     print(header)
     print("-" * len(header))
-    failing, survivors = [], []
+    failing, survivors, stale = [], [], []
     for meta in metas:
         data = json.loads(meta.read_text())
         statuses = {k: status_by_exit_code[v] for k, v in data["exit_code_by_key"].items()}
-        equivalent = [k for k in statuses if k in EQUIVALENT]
+        name = module_of(meta)
+        prefix = name.removesuffix(".py").replace("/", ".") + ".x"
+        # Mutants are numbered in source order: after an edit a listed number can name another mutant.
+        # A listed one that a test kills (or that is gone) means the list no longer fits the code.
+        stale += [
+            (k, statuses.get(k, "absent"))
+            for k in EQUIVALENT
+            if k.startswith(prefix) and statuses.get(k) != "survived"
+        ]
+        equivalent = [k for k, s in statuses.items() if k in EQUIVALENT and s == "survived"]
         killed = sum(s in ("killed", "timeout", "segfault") for s in statuses.values())
         survived = [k for k, s in statuses.items() if s == "survived" and k not in EQUIVALENT]
         untested = [k for k, s in statuses.items() if s == "no tests"]
         unchecked = [k for k, s in statuses.items() if s == "not checked"]
         # Ended by a signal mutmut does not classify (SIGTERM): neither killed nor survived, rerun them.
-        odd = [k for k, s in statuses.items() if s == "suspicious" and k not in EQUIVALENT]
+        odd = [k for k, s in statuses.items() if s == "suspicious"]
         counted = len(statuses) - len(equivalent)
         score = killed / counted if counted else 1.0
         seconds = sum(data.get("durations_by_key", {}).values())
-        name = module_of(meta)
         print(
             f"{name:<38} {len(statuses):>7} {killed:>7} {len(survived):>8} {len(untested):>7} "
             f"{len(equivalent):>6} {score:>7.1%} {seconds:>7.0f}"
@@ -289,17 +314,22 @@ def main() -> int:
             failing.append(name)
         survivors += survived + untested + odd
     if EQUIVALENT:
-        print("\nequivalent mutants (excluded):")
+        print("\nequivalent mutants (excluded), each with the line it changes:")
         for k, why in sorted(EQUIVALENT.items()):
-            print(f"  {k}: {why}")
+            print(f"  {k}: {why}\n      {mutated_line(k)}")
     if survivors:
         print(f"\n{len(survivors)} mutants not killed (`mutmut show <name>` prints one):")
         for k in survivors:
             print(f"  {k}")
+    if stale:
+        print(
+            f"\n{len(stale)} mutants listed as equivalent did not survive: renumber EQUIVALENT for the edited code"
+        )
+        for k, status in stale:
+            print(f"  {k}: {status}")
     if failing:
         print(f"\nbelow {TARGET:.0%}: {', '.join(failing)}")
-        return 1
-    return 0
+    return 1 if failing or stale else 0
 
 
 if __name__ == "__main__":
