@@ -26,7 +26,7 @@ def score(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-def _results(root: Path, codes: dict[int, int]) -> None:
+def _results(root: Path, codes: dict[int, int | None]) -> None:
     meta = root / "mutants" / "src" / "btc_anomaly" / "features.py.meta"
     meta.parent.mkdir(parents=True)
     by_key = {f"{MODULE}.x_f__mutmut_{n}": code for n, code in codes.items()}
@@ -66,3 +66,12 @@ def test_a_listed_mutant_that_was_killed_makes_the_list_stale(
     assert row.split()[1:6] == ["30", "29", "1", "0", "0"]  # killed, survived, no test, equivalent
     assert f"{MODULE}.x_f__mutmut_2: killed" in out
     assert f"{MODULE}.x_f__mutmut_3" in out.split("not killed")[1]
+
+
+def test_a_listed_mutant_a_stopped_run_never_reached_is_not_stale(
+    score: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _results(tmp_path, {n: KILLED for n in range(1, 20)} | {20: None})
+    monkeypatch.setattr(score, "EQUIVALENT", {f"{MODULE}.x_f__mutmut_20": "the same for every input"})
+    assert score.main() == 0
+    assert "did not survive" not in capsys.readouterr().out
