@@ -171,14 +171,18 @@ def utc_times(values: Any) -> Any:
 
     pandas' own ``to_datetime(..., format="ISO8601", utc=True)`` reads a naive string that follows one
     with an offset at that offset (a mixed JSON batch would land rows in the wrong time), so naive
-    strings get an explicit "+00:00" first."""
+    strings get an explicit "+00:00" first. Arrow's regex finds them: pandas' ``str.contains`` cost more
+    than the parse itself, on the API's batches and the trainer's million rows alike."""
     import pandas as pd
+    import pyarrow.compute as pc
 
     series = values if isinstance(values, pd.Series) else pd.Series(values)
     if series.dtype == object or pd.api.types.is_string_dtype(series.dtype):
-        text = series.astype("string")
-        naive = ~text.str.contains(_HAS_OFFSET, regex=True, na=True)
-        series = text.mask(naive, text + "+00:00")
+        series = series.astype("string")
+        has_offset = pc.match_substring_regex(pa.array(series, type=pa.string()), _HAS_OFFSET)
+        naive = pc.fill_null(pc.invert(has_offset), False)  # a missing value stays missing
+        if pc.any(naive).as_py():
+            series = series.mask(naive.to_numpy(zero_copy_only=False), series + "+00:00")
     return pd.to_datetime(series, utc=True, format="ISO8601")
 
 
