@@ -259,11 +259,16 @@ def module_of(meta: Path) -> str:
     return str(meta.relative_to(ROOT / "mutants" / "src")).removesuffix(".meta")
 
 
+def module_of_key(name: str) -> str:
+    """``btc_anomaly.features`` of ``btc_anomaly.features.x_f__mutmut_3`` (or ``...xǁClassǁmethod__mutmut_3``)."""
+    return name.rpartition(".")[0]
+
+
 def mutated_line(name: str) -> str:
     """The line a mutant changed (`mutmut show`'s "+" line), to read next to the reason it is listed for."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
-    module = name.split(".x", 1)[0]
+    module = module_of_key(name)
     try:
         diff = get_diff_for_mutant(name, path=f"src/{module.replace('.', '/')}.py")
     except Exception as exc:  # an absent mutant or a changed mutmut: the listing goes on without the line
@@ -286,14 +291,14 @@ def main() -> int:
         data = json.loads(meta.read_text())
         statuses = {k: status_by_exit_code[v] for k, v in data["exit_code_by_key"].items()}
         name = module_of(meta)
-        prefix = name.removesuffix(".py").replace("/", ".") + ".x"
+        module = name.removesuffix(".py").replace("/", ".")
         # Mutants are numbered in source order: after an edit a listed number can name another mutant.
         # A listed one that a test kills (or that is gone) means the list no longer fits the code; one a
         # stopped run never reached ("not checked") says nothing either way.
         stale += [
             (k, statuses.get(k, "absent"))
             for k in EQUIVALENT
-            if k.startswith(prefix) and statuses.get(k, "absent") not in ("survived", "not checked")
+            if module_of_key(k) == module and statuses.get(k, "absent") not in ("survived", "not checked")
         ]
         equivalent = [k for k, s in statuses.items() if k in EQUIVALENT and s == "survived"]
         killed = sum(s in ("killed", "timeout", "segfault") for s in statuses.values())
