@@ -24,6 +24,10 @@ class Missing(LookupError):
     """A figure's benchmark failed in that run, or its row is not in the results."""
 
 
+# What reading a figure raises when the run lacks it (a failed benchmark, a renamed row or column).
+UNREADABLE = (Missing, KeyError, ZeroDivisionError, TypeError)
+
+
 def _rows(results: Results, bench: str) -> list[dict[str, Any]]:
     entry = results.get("benchmarks", {}).get(bench)
     if entry is None:
@@ -297,7 +301,7 @@ def headline_markdown(results: Results | None = None) -> str:
         try:
             ours, baseline, met = fig.read(results)
             verdict = "-" if met is None else ("yes" if met else "**no**")
-        except (Missing, KeyError, ZeroDivisionError, TypeError) as exc:
+        except UNREADABLE as exc:
             ours, baseline, verdict = f"not measured ({exc})", "", "-"
         lines.append(
             f"| {fig.name} | {ours} | {baseline} | {fig.goal} | {verdict} | {_load(results, fig.bench)} |"
